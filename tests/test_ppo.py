@@ -1,0 +1,374 @@
+"""Tests of ppo.py: the math against numbers worked out by hand, the rollout's episode
+boundaries in both autoreset modes, and the script end to end (smoke, errors, seeds)."""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import ppo
+from conftest import interrupt_script, read_tags, run_main, run_script
+
+GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
+
+
+def t(rows):
+    """Hand-written (N, T) rows -> a (T, N) tensor, so each env reads as a line below."""
+    return torch.tensor(rows, dtype=torch.float32).T
+
+
+# ---------------------------------------------------------------------------------------------
+# GAE
+# ---------------------------------------------------------------------------------------------
+
+def test_gae_same_step_rollout_with_termination_and_truncation():
+    # Env 0 terminates at t=2 (the final state's value, 9.0, must not be used);
+    # env 1 is truncated at t=1 and bootstraps from V(final obs) = 3.0.
+    rewards = t([[1.0, 1.0, 1.0, 1.0, 1.0],
+                 [0.5, 1.0, 0.0, 2.0, 1.0]])
+    values = t([[0.5, 0.4, 0.3, 0.6, 0.7],
+                [1.0, 2.0, 0.5, 0.2, 0.1]])
+    next_values = t([[0.4, 0.3, 9.0, 0.7, 0.8],
+                     [2.0, 3.0, 0.2, 0.1, 0.0]])
+    terminations = t([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]).bool()
+    truncations = t([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0]]).bool()
+    adv, ret = ppo.gae(rewards, values, next_values, terminations, truncations, GAMMA, LAM)
+
+    # Env 0: δ = r + 0.9 V' (1 - term) - V
+    #   δ0 = 1 + 0.36 - 0.5 = 0.86, δ1 = 1 + 0.27 - 0.4 = 0.87, δ2 = 1 - 0.3 = 0.7 (terminal),
+    #   δ3 = 1 + 0.63 - 0.6 = 1.03, δ4 = 1 + 0.72 - 0.7 = 1.02
+    #   A4 = 1.02, A3 = 1.03 + 0.45·1.02 = 1.489, A2 = 0.7 (episode ends: no chaining),
+    #   A1 = 0.87 + 0.45·0.7 = 1.185, A0 = 0.86 + 0.45·1.185 = 1.39325
+    # Env 1: δ0 = 0.5 + 1.8 - 1 = 1.3, δ1 = 1 + 0.9·3 - 2 = 1.7 (truncated: bootstrapped),
+    #   δ2 = 0 + 0.18 - 0.5 = -0.32, δ3 = 2 + 0.09 - 0.2 = 1.89, δ4 = 1 + 0 - 0.1 = 0.9
+    #   A4 = 0.9, A3 = 1.89 + 0.405 = 2.295, A2 = -0.32 + 0.45·2.295 = 0.71275,
+    #   A1 = 1.7 (episode ends), A0 = 1.3 + 0.45·1.7 = 2.065
+    expected = t([[1.39325, 1.185, 0.7, 1.489, 1.02],
+                  [2.065, 1.7, 0.71275, 2.295, 0.9]])
+    torch.testing.assert_close(adv, expected)
+    torch.testing.assert_close(ret, expected + values)
+
+
+def test_gae_next_step_rollout_ignores_the_reset_step():
+    # NEXT_STEP autoreset: env 0 terminates at t=1, so t=2 is its reset step (observation =
+    # the final state, value 7.0; reward 0). Env 1 is truncated at t=2 and its reset step is
+    # t=3. In this mode the state after step t is the observation at t+1, final or not.
+    rewards = t([[1.0, 2.0, 0.0, 1.0, 1.0],
+                 [1.0, 1.0, 1.0, 0.0, 2.0]])
+    values = t([[0.5, 0.4, 7.0, 0.6, 0.7],
+                [1.0, 1.0, 4.0, 0.5, 0.5]])
+    next_values = t([[0.4, 7.0, 0.6, 0.7, 0.2],
+                     [1.0, 4.0, 0.5, 0.5, 1.0]])
+    terminations = t([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]).bool()
+    truncations = t([[0, 0, 0, 0, 0], [0, 0, 1, 0, 0]]).bool()
+    adv, _ = ppo.gae(rewards, values, next_values, terminations, truncations, GAMMA, LAM)
+
+    # Env 0: δ0 = 1 + 0.36 - 0.5 = 0.86, δ1 = 2 - 0.4 = 1.6 (terminal: 7.0 unused),
+    #   δ3 = 1 + 0.63 - 0.6 = 1.03, δ4 = 1 + 0.18 - 0.7 = 0.48
+    #   A4 = 0.48, A3 = 1.03 + 0.216 = 1.246, A1 = 1.6 (the reset step is not chained in),
+    #   A0 = 0.86 + 0.45·1.6 = 1.58
+    # Env 1: δ0 = 1 + 0.9 - 1 = 0.9, δ1 = 1 + 3.6 - 1 = 3.6, δ2 = 1 + 0.45 - 4 = -2.55
+    #   (truncated: bootstraps from the final state's value 0.5),
+    #   δ4 = 2 + 0.9 - 0.5 = 2.4; A4 = 2.4, A2 = -2.55, A1 = 3.6 - 1.1475 = 2.4525,
+    #   A0 = 0.9 + 0.45·2.4525 = 2.003625
+    for env, step, value in [(0, 0, 1.58), (0, 1, 1.6), (0, 3, 1.246), (0, 4, 0.48),
+                             (1, 0, 2.003625), (1, 1, 2.4525), (1, 2, -2.55), (1, 4, 2.4)]:
+        assert adv[step, env].item() == pytest.approx(value), (env, step)
+
+
+def test_gae_with_lambda_one_and_no_boundary_is_the_discounted_return_minus_value():
+    # λ = 1, γ = 0.5, rewards 1, 2, 4, bootstrap V' = 8 after the last step, V = 0:
+    # R0 = 1 + 0.5·2 + 0.25·4 + 0.125·8 = 4, R1 = 2 + 2 + 2 = 6, R2 = 4 + 4 = 8
+    rewards = torch.tensor([[1.0], [2.0], [4.0]])
+    zeros = torch.zeros(3, 1)
+    next_values = torch.tensor([[0.0], [0.0], [8.0]])
+    no = torch.zeros(3, 1, dtype=torch.bool)
+    adv, ret = ppo.gae(rewards, zeros, next_values, no, no, 0.5, 1.0)
+    torch.testing.assert_close(ret, torch.tensor([[4.0], [6.0], [8.0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout: what a real Gymnasium vector env hands back at episode boundaries
+# ---------------------------------------------------------------------------------------------
+
+class Counter(gym.Env):
+    """obs = [steps taken this episode]; reward = that count after the step; ends at `terminate_at`."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, terminate_at=100):
+        self.terminate_at = terminate_at
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.n += 1
+        return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
+
+
+def counter_envs(mode):
+    # Env 0 terminates after 3 steps; env 1 is cut by a time limit after 2.
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: Counter(terminate_at=3), lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2)],
+        autoreset_mode=mode)
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs)
+
+
+def rows(x):
+    """(T, N, ...) -> per-env lists, to compare with the hand-written tables."""
+    return np.asarray(x).reshape(x.shape[0], x.shape[1]).T.tolist()
+
+
+def test_rollout_same_step_keeps_final_observations():
+    envs = counter_envs(AutoresetMode.SAME_STEP)
+    rollout = ppo.Rollout.empty(4, 2, 1)
+    episodes = []
+    obs, _ = envs.reset(seed=0)
+    obs, after_done = ppo.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs,
+                                          np.zeros(2, bool), lambda r, l: episodes.extend(zip(r, l)))
+    # env 0: 0→1, 1→2, 2→3 (terminated; reset to 0 in the same step), 0→1
+    # env 1: 0→1, 1→2 (truncated), 0→1, 1→2 (truncated)
+    assert rows(rollout.obs) == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    assert rows(rollout.next_obs) == [[1, 2, 3, 1], [1, 2, 1, 2]]
+    assert rows(rollout.rewards) == [[1, 2, 3, 1], [1, 2, 1, 2]]
+    assert rows(rollout.terminations) == [[False, False, True, False], [False] * 4]
+    assert rows(rollout.truncations) == [[False] * 4, [False, True, False, True]]
+    assert rollout.valid.all()
+    assert obs.ravel().tolist() == [1, 0] and after_done.tolist() == [False, True]
+    # Episodes, in the order they end: env 1 (1+2, length 2), env 0 (1+2+3, 3), env 1 again.
+    assert [(float(r), int(l)) for r, l in episodes] == [(3.0, 2), (6.0, 3), (3.0, 2)]
+
+
+def test_rollout_next_step_marks_reset_steps_invalid():
+    envs = counter_envs(AutoresetMode.NEXT_STEP)
+    rollout = ppo.Rollout.empty(5, 2, 1)
+    obs, _ = envs.reset(seed=0)
+    obs, after_done = ppo.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs,
+                                          np.zeros(2, bool))
+    # env 0: 0→1, 1→2, 2→3 (terminated; 3 is the final obs), 3→0 (reset step), 0→1
+    # env 1: 0→1, 1→2 (truncated), 2→0 (reset step), 0→1, 1→2 (truncated)
+    assert rows(rollout.obs) == [[0, 1, 2, 3, 0], [0, 1, 2, 0, 1]]
+    assert rows(rollout.next_obs) == [[1, 2, 3, 0, 1], [1, 2, 0, 1, 2]]
+    assert rows(rollout.rewards) == [[1, 2, 3, 0, 1], [1, 2, 0, 1, 2]]
+    assert rows(rollout.valid) == [[True, True, True, False, True], [True, True, False, True, True]]
+    assert rows(rollout.truncations) == [[False] * 5, [False, True, False, False, True]]
+    # The next rollout starts on env 1's reset step.
+    assert after_done.tolist() == [False, True]
+    rollout2 = ppo.Rollout.empty(1, 2, 1)
+    ppo.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout2, obs, after_done)
+    assert rows(rollout2.valid) == [[True], [False]]
+
+
+def test_native_cartpole_vector_env_is_next_step():
+    envs = ppo.make_envs("CartPole-v1", 2, 0)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    envs = ppo.make_envs("Acrobot-v1", 2, 0)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and statistics
+# ---------------------------------------------------------------------------------------------
+
+def test_clipped_surrogate_at_ratios_below_inside_and_above_the_clip_range():
+    # ε = 0.2, so the clip range is [0.8, 1.2]. Per sample, min(r·A, clip(r)·A):
+    #   A = +1: r = 0.5 → min(0.5, 0.8) = 0.5;  r = 1.0 → 1.0;  r = 1.5 → min(1.5, 1.2) = 1.2
+    #   A = -1: r = 0.5 → min(-0.5, -0.8) = -0.8;  r = 1.0 → -1.0;  r = 1.5 → min(-1.5, -1.2) = -1.5
+    # Sum = 0.5 + 1 + 1.2 - 0.8 - 1 - 1.5 = -0.6, mean = -0.1, loss = -mean = 0.1.
+    ratio = torch.tensor([0.5, 1.0, 1.5, 0.5, 1.0, 1.5], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0, 1.0, -1.0, -1.0, -1.0])
+    loss = ppo.clipped_surrogate_loss(ratio, adv, 0.2)
+    assert loss.item() == pytest.approx(0.1)
+    loss.backward()
+    # Zero gradient where the clipped term is the minimum (the seed's clipped-objective
+    # figure): A>0 above 1+ε, A<0 below 1-ε. Elsewhere d(-mean rA)/dr = -A/6, including
+    # A<0 far above 1+ε, the unbounded corrective case.
+    s = 1 / 6
+    torch.testing.assert_close(ratio.grad, torch.tensor([-s, -s, 0.0, 0.0, s, s]))
+
+
+def test_value_loss_unclipped_and_clipped():
+    new = torch.tensor([1.0, 2.0])
+    old = torch.tensor([0.0, 2.5])
+    returns = torch.tensor([0.5, 0.0])
+    # Unclipped: ½·mean((1 - 0.5)², (2 - 0)²) = ½·(0.25 + 4)/2 = 1.0625
+    assert ppo.value_loss(new, old, returns).item() == pytest.approx(1.0625)
+    # Clipped (ε = 0.2): V_clip = old + clip(new - old, ±0.2) = (0.2, 2.3);
+    # (0.2 - 0.5)² = 0.09 < 0.25, (2.3 - 0)² = 5.29 > 4 → ½·(0.25 + 5.29)/2 = 1.385
+    assert ppo.value_loss(new, old, returns, clip_coef=0.2).item() == pytest.approx(1.385)
+
+
+def test_approx_kl_estimators():
+    # log r = ±log 2: E[-log r] = 0; E[(r - 1) - log r] = ((1 - ln 2) + (-0.5 + ln 2)) / 2 = 0.25
+    old, new = ppo.approx_kl(torch.tensor([math.log(2.0), math.log(0.5)]))
+    assert old.item() == pytest.approx(0.0, abs=1e-7)
+    assert new.item() == pytest.approx(0.25)
+
+
+def test_normalize_advantages_and_explained_variance():
+    # mean 2, sample std 1 → (-1, 0, 1)
+    torch.testing.assert_close(ppo.normalize_advantages(torch.tensor([1.0, 2.0, 3.0])),
+                               torch.tensor([-1.0, 0.0, 1.0]))
+    targets = torch.tensor([1.0, 2.0, 3.0])
+    assert ppo.explained_variance(targets, targets) == pytest.approx(1.0)
+    assert ppo.explained_variance(torch.full((3,), 2.0), targets) == pytest.approx(0.0)
+    # residuals (1, 1, 1) - var 0 → 1; a constant target has no variance to explain
+    assert ppo.explained_variance(targets - 1, targets) == pytest.approx(1.0)
+    assert math.isnan(ppo.explained_variance(targets, torch.ones(3)))
+
+
+def test_categorical_entropy_and_log_probs():
+    # Uniform over 2 actions: H = ln 2; over (0.25, 0.75): H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.562335
+    logp = torch.log(torch.tensor([[0.5, 0.5], [0.25, 0.75]]))
+    torch.testing.assert_close(ppo.categorical_entropy(logp), torch.tensor([math.log(2), 0.562335]))
+
+
+def test_gumbel_max_samples_follow_the_softmax():
+    # softmax(ln 1, ln 3) = (0.25, 0.75): 40,000 samples put 0.75 ± 0.01 on action 1 (σ ≈ 0.002).
+    logits = np.log(np.tile([[1.0, 3.0]], (40_000, 1))).astype(np.float32)
+    actions = ppo.sample_categorical(logits, np.random.default_rng(0))
+    assert actions.mean() == pytest.approx(0.75, abs=0.01)
+
+
+def test_numpy_policy_matches_the_torch_actor():
+    agent = ppo.Agent(4, 3)
+    obs = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    logits = ppo.NumpyPolicy(agent.actor, np.random.default_rng(0)).logits(obs)
+    np.testing.assert_allclose(logits, agent.actor(torch.from_numpy(obs)).detach().numpy(), atol=1e-6)
+
+
+def test_agent_log_prob_and_value_shapes():
+    agent = ppo.Agent(4, 2)
+    obs, actions = torch.zeros(3, 4), torch.tensor([0, 1, 1])
+    _, logprob, entropy, value = agent.get_action_and_value(obs, actions)
+    assert logprob.shape == entropy.shape == value.shape == (3,)
+    # The actor's last layer starts tiny, so the first policy is near uniform.
+    torch.testing.assert_close(logprob, torch.full((3,), math.log(0.5)), atol=1e-2, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------
+
+SMALL = ["--total-timesteps", "2048", "--num-envs", "4", "--num-steps", "128"]
+TAGS = {"charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+        "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl",
+        "losses/old_approx_kl", "losses/clipfrac", "losses/explained_variance"}
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Acrobot-v1"])  # NEXT_STEP and SAME_STEP
+def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
+    out = run_main(ppo, tmp_path, capsys, "--env-id", env_id, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith(f"{env_id}__ppo__1__")
+    tags, texts = read_tags(run)
+    assert TAGS <= set(tags)
+    assert "|clip_coef|0.2|" in texts["hyperparameters/text_summary"]
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["script"] == "ppo.py" and ckpt["global_step"] == 2048
+    assert ckpt["args"]["env_id"] == env_id
+
+    out = run_main(ppo, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+                   "--eval-episodes", "3")
+    assert out.returncode == 0, out.stderr
+    assert "eval: 3 episodes" in out.stdout
+    evals = [d for d in (tmp_path / "runs").iterdir() if "-eval__" in d.name]
+    tags, _ = read_tags(evals[0])
+    assert len(tags["eval/episodic_return"]) == 3
+
+
+def test_same_seed_same_returns(tmp_path):
+    returns = []
+    for i in range(2):
+        out = run_script("ppo.py", tmp_path / str(i), *SMALL, "--seed", "7")
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / str(i) / "runs").iterdir()
+        returns.append(read_tags(run)[0]["charts/episodic_return"])
+    assert len(returns[0]) > 10
+    assert returns[0] == returns[1]
+
+
+def one_line_error(out, *fragments):
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("ppo.py: error: "), out.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
+    (["--env-id", "Pendulum-v1"], ["Box", "ppo_continuous.py"]),
+    (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], ["does not divide", "15"]),
+    (["--num-envs", "0"], ["--num-envs must be positive"]),
+    (["--update-epochs", "-1"], ["--update-epochs must be positive"]),
+    (["--total-timesteps", "10"], ["less than one batch"]),
+    (["--eval-checkpoint", "no/such/model.pt"], ["no checkpoint at no/such/model.pt"]),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
+    one_line_error(run_main(ppo, tmp_path, capsys, *argv), *fragments)
+
+
+def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
+    one_line_error(run_script("ppo.py", tmp_path, "--env-id", "Pendulum-v1"), "ppo_continuous.py")
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    foreign = tmp_path / "a2c.pt"
+    torch.save({"script": "a2c.py", "model": {}}, foreign)
+    one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "written by a2c.py")
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(garbage)), "not a checkpoint")
+
+    out = run_main(ppo, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    one_line_error(run_main(ppo, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
+                            str(run / "model.pt")), "trained on CartPole-v1", "--env-id CartPole-v1")
+
+
+def test_capture_video_without_moviepy(tmp_path, capsys):
+    try:
+        import moviepy  # noqa: F401
+        pytest.skip("moviepy is installed")
+    except ImportError:
+        pass
+    one_line_error(run_main(ppo, tmp_path, capsys, *SMALL, "--capture-video"), "moviepy")
+
+
+def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = run_main(ppo, tmp_path, capsys, *SMALL, "--cuda")
+    assert out.returncode == 0
+    assert out.stderr.count("warning") == 1 and "running on the CPU" in out.stderr
+
+
+def test_ctrl_c_saves_model_and_logs(tmp_path):
+    out = interrupt_script("ppo.py", tmp_path, "--total-timesteps", "10000000", "--save-model")
+    assert out.returncode == 130, out.stderr
+    assert "Traceback" not in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "model.pt").exists()
+    assert read_tags(run)[0]["charts/SPS"]
+
+
+def test_non_finite_loss_stops_and_saves(tmp_path, capsys):
+    # An absurd learning rate blows the weights up until the loss is NaN.
+    out = run_main(ppo, tmp_path, capsys, *SMALL, "--total-timesteps", "20480", "--learning-rate", "1e30",
+                     "--save-model")
+    assert out.returncode == 1, out.stderr
+    assert "NaN or infinite at step" in out.stderr and "Traceback" not in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    model = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
