@@ -1,0 +1,238 @@
+"""Train a script on some envs for several seeds and measure time to solve, returns and speed.
+
+    python benchmarks/benchmark.py --script ppo.py --env-ids CartPole-v1 Acrobot-v1 --seeds 1 2 3 4 5
+
+For each run (a subprocess with the script's default flags but --env-id and --seed) it records:
+  - solve_s / solve_steps: wall seconds from process start, and env steps, at which the mean
+    of the last 100 episodic returns first reaches the env's threshold;
+  - ema_solve_s / ema_episodes: the same for an exponential moving average of the returns
+    (weight 0.05 on the newest, starting at 10), the criterion of PyTorch's reinforce example;
+  - final100: the mean of the last 100 episodic returns at the end of training;
+  - sps: steady-state training steps per second (over the second half of the run);
+  - random_sps: steps per second of the same vector env stepping random actions alone;
+  - eval: the evaluation return of the saved model (with --eval).
+It writes results.json, results.md (a table) and curves.png under --out.
+Needs matplotlib (benchmarks/requirements.txt) for the plot.
+"""
+
+import argparse
+import glob
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The thresholds the targets name; otherwise the env's registered reward_threshold.
+THRESHOLDS = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0, "Pendulum-v1": -250.0,
+              "InvertedPendulum-v5": 950.0}
+
+
+def threshold(env_id):
+    if env_id in THRESHOLDS:
+        return THRESHOLDS[env_id]
+    import gymnasium as gym
+    return gym.spec(env_id).reward_threshold
+
+
+def read_scalars(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    ea.Reload()
+    if tag not in ea.Tags()["scalars"]:
+        return np.zeros((0, 3))
+    return np.array([(e.wall_time, e.step, e.value) for e in ea.Scalars(tag)])
+
+
+def first_crossing(values, level):
+    hits = np.flatnonzero(values >= level)
+    return int(hits[0]) if len(hits) else None
+
+
+def analyse(run_dir, start, env_id):
+    episodes = read_scalars(run_dir, "charts/episodic_return")
+    wall, steps, returns = episodes.T
+    mean100 = np.array([returns[max(0, i - 99): i + 1].mean() for i in range(len(returns))])
+    mean100[:99] = -np.inf  # a 100-episode mean needs 100 episodes
+    ema = np.empty(len(returns))
+    running = 10.0
+    for i, r in enumerate(returns):
+        running = 0.05 * r + 0.95 * running
+        ema[i] = running
+    level = threshold(env_id)
+    out = {"episodes": len(returns), "final100": float(returns[-100:].mean()), "threshold": level}
+    i = first_crossing(mean100, level) if level is not None else None
+    out["solve_s"] = None if i is None else float(wall[i] - start)
+    out["solve_steps"] = None if i is None else int(steps[i])
+    j = first_crossing(ema, level) if level is not None else None
+    out["ema_solve_s"] = None if j is None else float(wall[j] - start)
+    out["ema_episodes"] = None if j is None else j + 1
+    sps = read_scalars(run_dir, "charts/SPS")
+    half = len(sps) // 2
+    if len(sps) > 2:
+        out["sps"] = float((sps[-1, 1] - sps[half, 1]) / (sps[-1, 0] - sps[half, 0]))
+    out["wall_s"] = float(wall[-1] - start)
+    out["curve"] = {"steps": steps.tolist(), "seconds": (wall - start).tolist(), "mean100": mean100.tolist(),
+                    "returns": returns.tolist()}
+    return out
+
+
+def random_sps(script, env_id, seconds=5.0):
+    """Steps per second of the script's own vector env (default --num-envs) under random actions."""
+    spec = importlib.util.spec_from_file_location("bench_target", os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    num_envs = module.Args().num_envs
+    envs = module.make_envs(env_id, num_envs, 0)
+    envs.reset(seed=0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(100):
+            envs.step(envs.action_space.sample())
+        steps += 100 * num_envs
+    envs.close()
+    return steps / (time.perf_counter() - start)
+
+
+def launch(script, env_id, seed, workdir, extra, save):
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed)] + extra
+    if save:
+        cmd.append("--save-model")
+    start = time.time()
+    log = open(os.path.join(workdir, f"{env_id}__{seed}.log"), "w")
+    return subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT), start, cmd
+
+
+def run_dir_of(workdir, env_id, seed):
+    dirs = sorted(d for d in glob.glob(os.path.join(workdir, "runs", f"{env_id}__*__{seed}__*"))
+                  if not d.endswith("-eval"))
+    dirs = [d for d in dirs if "-eval__" not in d]
+    return dirs[-1]
+
+
+def evaluate(script, env_id, seed, workdir):
+    model = os.path.join(run_dir_of(workdir, env_id, seed), "model.pt")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed + 1000),
+                          "--eval-checkpoint", model], cwd=workdir, capture_output=True, text=True)
+    m = re.search(r"return (-?[\d.]+) ± ([\d.]+)", out.stdout)
+    return float(m.group(1)) if m else None
+
+
+def fmt(x, digits=1):
+    return "—" if x is None else f"{x:.{digits}f}"
+
+
+def table(results):
+    lines = ["| script | env | seeds | solved | solve s (median) | solve steps (median) | EMA solve s (median) "
+             "| final 100-ep mean (mean ± std) | eval (mean) | SPS | random-action SPS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in results:
+        groups.setdefault((r["script"], r["env_id"]), []).append(r)
+    for (script, env_id), runs in groups.items():
+        solved = [r for r in runs if r["solve_s"] is not None]
+        med = lambda key: None if len(solved) < len(runs) / 2 else float(np.median([r[key] for r in solved]))
+        ema = [r["ema_solve_s"] for r in runs if r["ema_solve_s"] is not None]
+        finals = np.array([r["final100"] for r in runs])
+        evals = [r["eval"] for r in runs if r.get("eval") is not None]
+        lines.append(
+            f"| {script} | {env_id} | {len(runs)} | {len(solved)}/{len(runs)} (≥ {runs[0]['threshold']}) "
+            f"| {fmt(med('solve_s'))} | {fmt(med('solve_steps'), 0)} "
+            f"| {fmt(float(np.median(ema)) if len(ema) >= len(runs) / 2 else None)} "
+            f"| {finals.mean():.1f} ± {finals.std():.1f} (min {finals.min():.1f}) "
+            f"| {fmt(float(np.mean(evals)) if evals else None)} "
+            f"| {np.median([r['sps'] for r in runs]):.0f} | {fmt(runs[0].get('random_sps'), 0)} |")
+    return "\n".join(lines)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = {}
+    for r in results:
+        groups.setdefault((r["script"], r["env_id"]), []).append(r)
+    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
+    for row, ((script, env_id), runs) in enumerate(groups.items()):
+        for col, xkey in enumerate(["steps", "seconds"]):
+            ax = axes[row, col]
+            grid = np.linspace(0, max(max(r["curve"][xkey]) for r in runs), 200)
+            curves = []
+            for r in runs:
+                x, y = np.array(r["curve"][xkey]), np.array(r["curve"]["returns"])
+                smooth = np.array([y[max(0, i - 99): i + 1].mean() for i in range(len(y))])
+                curves.append(np.interp(grid, x, smooth, left=np.nan, right=np.nan))
+            curves = np.array(curves)
+            mean = np.nanmean(curves, 0)
+            ax.plot(grid, mean, label=f"{script} (mean of {len(runs)} seeds)")
+            ax.fill_between(grid, np.nanmin(curves, 0), np.nanmax(curves, 0), alpha=0.25, label="min–max")
+            if runs[0]["threshold"] is not None:
+                ax.axhline(runs[0]["threshold"], color="gray", ls="--", lw=0.8)
+            ax.set_xlabel("env steps" if xkey == "steps" else "wall seconds from process start")
+            ax.set_ylabel("return (mean of last 100 episodes)")
+            ax.set_title(f"{env_id}")
+            ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--script", default="ppo.py")
+    p.add_argument("--env-ids", nargs="+", default=["CartPole-v1"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--parallel", type=int, default=1, help="runs at a time (timings are cleanest with 1)")
+    p.add_argument("--eval", action="store_true", help="save each model and report its evaluation return")
+    p.add_argument("--out", default=None, help="results folder (default benchmarks/results/SCRIPT)")
+    p.add_argument("--extra", default="", help="more flags for the script, e.g. '--total-timesteps 100000'")
+    a = p.parse_args()
+    out = a.out or os.path.join(ROOT, "benchmarks", "results", a.script[:-3])
+    os.makedirs(out, exist_ok=True)
+
+    queue = [(env_id, seed) for env_id in a.env_ids for seed in a.seeds]
+    running, results = [], []
+    while queue or running:
+        while queue and len(running) < a.parallel:
+            env_id, seed = queue.pop(0)
+            proc, start, cmd = launch(a.script, env_id, seed, out, a.extra.split(), a.eval)
+            running.append((proc, start, env_id, seed, cmd))
+        time.sleep(0.2)
+        for item in list(running):
+            proc, start, env_id, seed, cmd = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            if proc.returncode != 0:
+                print(f"FAILED ({proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
+                continue
+            r = {"script": a.script, "env_id": env_id, "seed": seed, "command": " ".join(cmd[1:]).replace(ROOT + "/", "")}
+            r.update(analyse(run_dir_of(out, env_id, seed), start, env_id))
+            if a.eval:
+                r["eval"] = evaluate(a.script, env_id, seed, out)
+            results.append(r)
+            print(f"{env_id} seed {seed}: solve {fmt(r['solve_s'])} s at {r['solve_steps']} steps, "
+                  f"EMA solve {fmt(r['ema_solve_s'])} s, final100 {r['final100']:.1f}, SPS {r.get('sps', 0):.0f}"
+                  + (f", eval {fmt(r['eval'])}" if a.eval else ""), flush=True)
+    for env_id in a.env_ids:
+        rs = random_sps(a.script, env_id)
+        for r in results:
+            if r["env_id"] == env_id:
+                r["random_sps"] = rs
+    results.sort(key=lambda r: (a.env_ids.index(r["env_id"]), r["seed"]))
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f)
+    md = table(results)
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write(md + "\n")
+    print(md)
+    plot(results, os.path.join(out, "curves.png"))
+
+
+if __name__ == "__main__":
+    main()
