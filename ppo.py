@@ -48,14 +48,14 @@ class Args:
 
     env_id: str = "CartPole-v1"
     """the id of the environment (a Discrete action space)"""
-    total_timesteps: int = 500_000
+    total_timesteps: int = 1_000_000
     """total env steps of the experiment"""
     learning_rate: float = 3e-3
     """the learning rate of the optimizer"""
-    num_envs: int = 8
+    num_envs: int = 6
     """the number of parallel game environments"""
-    num_steps: int = 256
-    """the number of steps to run in each environment per policy rollout (T)"""
+    num_steps: int = 344
+    """the number of steps to run in each environment per policy rollout (T; 6 x 344 = 2064)"""
     anneal_lr: bool = True
     """toggle learning-rate annealing (linear, to zero at the end of training)"""
     gamma: float = 0.99
@@ -277,46 +277,47 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
         rollout.obs[t] = obs
         action = policy(rollout.obs[t])
         rollout.actions[t] = action
-        rollout.valid[t] = ~after_done if next_step_mode else True
 
         obs, reward, terminated, truncated, info = envs.step(action)
         rollout.rewards[t] = reward
         rollout.terminations[t] = terminated
         rollout.truncations[t] = truncated
         rollout.next_obs[t] = obs
-        after_done = terminated | truncated
-        if not next_step_mode and after_done.any():
+        if not next_step_mode and "_final_obs" in info:
             # SAME_STEP: `obs` is already the first observation of the next episode.
             ended = info["_final_obs"]
             rollout.next_obs[t, ended] = np.stack(info["final_obs"][ended])
         if on_episode is not None and "_episode" in info:
             ended = info["_episode"]
             on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
-    return obs, after_done
+
+    dones = rollout.terminations | rollout.truncations
+    if next_step_mode:  # the step after an episode's end is a reset step
+        rollout.valid[0] = ~after_done
+        rollout.valid[1:] = ~dones[:-1]
+    return obs, dones[-1]
 
 
 # ---------------------------------------------------------------------------------------------
 # The math: advantages and losses, as pure functions of tensors
 # ---------------------------------------------------------------------------------------------
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, next_values: torch.Tensor,
-        terminations: torch.Tensor, truncations: torch.Tensor, gamma: float,
-        gae_lambda: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, terminations: np.ndarray,
+        truncations: np.ndarray, gamma: float, gae_lambda: float) -> tuple[np.ndarray, np.ndarray]:
     """Â_t = δ_t + γλ(1-done_t)Â_{t+1}, δ_t = r_t + γ(1-term_t)V(s_{t+1}) - V(s_t); returns (Â, Â+V).
 
-    Shapes (T, N). `next_values[t]` is V of the state step t led to (the final observation
+    Arrays (T, N). `next_values[t]` is V of the state step t led to (the final observation
     when the episode ended at t), so a truncated step bootstraps and a terminated one does
     not; either way the sum stops at the episode's end. After step T-1 nothing is summed.
+    In numpy: the backward loop over T steps of tiny arrays costs several times less than in torch.
     """
-    not_terminal = 1.0 - terminations.float()
-    continues = 1.0 - torch.maximum(terminations, truncations).float()
-    deltas = rewards + gamma * not_terminal * next_values - values
-    advantages = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[0])
-    for t in reversed(range(rewards.shape[0])):
-        last = deltas[t] + gamma * gae_lambda * continues[t] * last
-        advantages[t] = last
-    return advantages, advantages + values
+    deltas = rewards + gamma * (1.0 - terminations) * next_values - values
+    discounts = gamma * gae_lambda * (1.0 - (terminations | truncations))
+    advantages = np.zeros_like(deltas)
+    last = np.zeros_like(deltas[0])
+    for t in reversed(range(len(deltas))):
+        last = advantages[t] = deltas[t] + discounts[t] * last
+    return advantages.astype(np.float32), (advantages + values).astype(np.float32)
 
 
 def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -484,16 +485,14 @@ def train(args: Args) -> None:
                 b_obs = torch.from_numpy(rollout.obs.reshape(-1, obs_dim)).to(device)
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1)).to(device)
                 _, b_logprobs, _, b_values = agent.get_action_and_value(b_obs, b_actions)
-                values = b_values.reshape(args.num_steps, args.num_envs)
-                next_values = agent.get_value(torch.from_numpy(rollout.next_obs).to(device))
+                values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
+                next_values = agent.get_value(torch.from_numpy(rollout.next_obs).to(device)).cpu().numpy()
 
-                # 2. The advantage estimate Â_t.
-                advantages, returns = gae(
-                    torch.from_numpy(rollout.rewards).to(device), values, next_values,
-                    torch.from_numpy(rollout.terminations).to(device),
-                    torch.from_numpy(rollout.truncations).to(device), args.gamma, args.gae_lambda)
-
-            b_advantages, b_returns = advantages.reshape(-1), returns.reshape(-1)
+            # 2. The advantage estimate Â_t.
+            advantages, returns = gae(rollout.rewards, values, next_values, rollout.terminations,
+                                      rollout.truncations, args.gamma, args.gae_lambda)
+            b_advantages = torch.from_numpy(advantages.reshape(-1)).to(device)
+            b_returns = torch.from_numpy(returns.reshape(-1)).to(device)
             # Only real transitions are learned from (NEXT_STEP reset steps are left out).
             valid_idx = torch.from_numpy(np.flatnonzero(rollout.valid.reshape(-1))).to(device)
 

@@ -9,7 +9,10 @@ For each run (a subprocess with the script's default flags but --env-id and --se
     (weight 0.05 on the newest, starting at 10), the criterion of PyTorch's reinforce example;
   - final100: the mean of the last 100 episodic returns at the end of training;
   - sps: steady-state training steps per second (over the second half of the run);
-  - random_sps: steps per second of the same vector env stepping random actions alone;
+  - the SPS ratio: in --ratio-runs extra runs per env, the benchmark steps the same vector
+    env with random actions on the other core while the run trains, and divides the run's
+    steady-state SPS by the random-action SPS over the same window (this machine's speed
+    drifts by tens of percent over minutes, so measurements at different times don't compare);
   - eval: the evaluation return of the saved model (with --eval).
 It writes results.json, results.md (a table) and curves.png under --out.
 Needs matplotlib (benchmarks/requirements.txt) for the plot.
@@ -24,6 +27,7 @@ import re
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -49,8 +53,8 @@ def read_scalars(run_dir, tag):
     return np.array([(e.wall_time, e.step, e.value) for e in ea.Scalars(tag)])
 
 
-def first_crossing(values, level):
-    hits = np.flatnonzero(values >= level)
+def first_crossing(values, level, strict=False):
+    hits = np.flatnonzero(values > level if strict else values >= level)
     return int(hits[0]) if len(hits) else None
 
 
@@ -69,34 +73,45 @@ def analyse(run_dir, start, env_id):
     i = first_crossing(mean100, level) if level is not None else None
     out["solve_s"] = None if i is None else float(wall[i] - start)
     out["solve_steps"] = None if i is None else int(steps[i])
-    j = first_crossing(ema, level) if level is not None else None
+    j = first_crossing(ema, level, strict=True) if level is not None else None  # "exceeds", as PyTorch's example
     out["ema_solve_s"] = None if j is None else float(wall[j] - start)
     out["ema_episodes"] = None if j is None else j + 1
     sps = read_scalars(run_dir, "charts/SPS")
     half = len(sps) // 2
     if len(sps) > 2:
         out["sps"] = float((sps[-1, 1] - sps[half, 1]) / (sps[-1, 0] - sps[half, 0]))
+        out["sps_window"] = (float(sps[half, 0]), float(sps[-1, 0]))
     out["wall_s"] = float(wall[-1] - start)
     out["curve"] = {"steps": steps.tolist(), "seconds": (wall - start).tolist(), "mean100": mean100.tolist(),
                     "returns": returns.tolist()}
     return out
 
 
-def random_sps(script, env_id, seconds=5.0):
-    """Steps per second of the script's own vector env (default --num-envs) under random actions."""
+def make_target_envs(script, env_id, extra):
+    """The script's own vector env (its make_envs, with the run's --num-envs)."""
     spec = importlib.util.spec_from_file_location("bench_target", os.path.join(ROOT, script))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    num_envs = module.Args().num_envs
+    num_envs = int(extra[extra.index("--num-envs") + 1]) if "--num-envs" in extra else module.Args().num_envs
     envs = module.make_envs(env_id, num_envs, 0)
     envs.reset(seed=0)
-    steps, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        for _ in range(100):
+    return envs, num_envs
+
+
+def step_randomly_while(proc, envs, num_envs):
+    """Step `envs` with random actions until `proc` ends; returns [(wall time, env steps)].
+
+    Run beside the training process (one core each), so both see the machine at the same
+    speed: here it drifts by tens of percent over minutes, which would swamp a comparison
+    of measurements taken at different times.
+    """
+    marks, steps = [(time.time(), 0)], 0
+    while proc.poll() is None:
+        for _ in range(50):
             envs.step(envs.action_space.sample())
-        steps += 100 * num_envs
-    envs.close()
-    return steps / (time.perf_counter() - start)
+        steps += 50 * num_envs
+        marks.append((time.time(), steps))
+    return np.array(marks)
 
 
 def launch(script, env_id, seed, workdir, extra, save):
@@ -130,8 +145,9 @@ def fmt(x, digits=1):
 
 def table(results):
     lines = ["| script | env | seeds | solved | solve s (median) | solve steps (median) | EMA solve s (median) "
-             "| final 100-ep mean (mean ± std) | eval (mean) | SPS | random-action SPS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| final 100-ep mean (mean ± std) | eval (mean) | SPS | SPS beside random stepping | random-action SPS "
+             "| SPS ratio (min) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in results:
         groups.setdefault((r["script"], r["env_id"]), []).append(r)
@@ -147,8 +163,17 @@ def table(results):
             f"| {fmt(float(np.median(ema)) if len(ema) >= len(runs) / 2 else None)} "
             f"| {finals.mean():.1f} ± {finals.std():.1f} (min {finals.min():.1f}) "
             f"| {fmt(float(np.mean(evals)) if evals else None)} "
-            f"| {np.median([r['sps'] for r in runs]):.0f} | {fmt(runs[0].get('random_sps'), 0)} |")
+            f"| {np.median([r['sps'] for r in runs]):.0f} | {ratio_cells(runs)} |")
     return "\n".join(lines)
+
+
+def ratio_cells(runs):
+    beside = runs[0]["beside"]
+    if not beside:
+        return "— | — | —"
+    sps, random_sps = np.array(beside).T
+    return (f"{np.median(sps):.0f} | {np.median(random_sps):.0f} "
+            f"| {np.median(sps / random_sps):.2f} ({(sps / random_sps).min():.2f})")
 
 
 def plot(results, path):
@@ -169,9 +194,11 @@ def plot(results, path):
                 smooth = np.array([y[max(0, i - 99): i + 1].mean() for i in range(len(y))])
                 curves.append(np.interp(grid, x, smooth, left=np.nan, right=np.nan))
             curves = np.array(curves)
-            mean = np.nanmean(curves, 0)
+            with warnings.catch_warnings():  # past the shortest run's end some columns are all NaN
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
             ax.plot(grid, mean, label=f"{script} (mean of {len(runs)} seeds)")
-            ax.fill_between(grid, np.nanmin(curves, 0), np.nanmax(curves, 0), alpha=0.25, label="min–max")
+            ax.fill_between(grid, low, high, alpha=0.25, label="min–max")
             if runs[0]["threshold"] is not None:
                 ax.axhline(runs[0]["threshold"], color="gray", ls="--", lw=0.8)
             ax.set_xlabel("env steps" if xkey == "steps" else "wall seconds from process start")
@@ -187,43 +214,62 @@ def main():
     p.add_argument("--script", default="ppo.py")
     p.add_argument("--env-ids", nargs="+", default=["CartPole-v1"])
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
-    p.add_argument("--parallel", type=int, default=1, help="runs at a time (timings are cleanest with 1)")
+    p.add_argument("--parallel", type=int, default=1, help="timing runs at a time (cleanest with 1)")
+    p.add_argument("--ratio-runs", type=int, default=3,
+                   help="extra runs per env with random-action stepping beside them, for the SPS ratio")
     p.add_argument("--eval", action="store_true", help="save each model and report its evaluation return")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/SCRIPT)")
     p.add_argument("--extra", default="", help="more flags for the script, e.g. '--total-timesteps 100000'")
     a = p.parse_args()
-    out = a.out or os.path.join(ROOT, "benchmarks", "results", a.script[:-3])
+    out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "results", a.script[:-3]))
     os.makedirs(out, exist_ok=True)
 
-    queue = [(env_id, seed) for env_id in a.env_ids for seed in a.seeds]
-    running, results = [], []
+    # Timing runs (alone, or --parallel at a time), then --ratio-runs per env with the random
+    # stepper beside them: it slows a run a little, so those runs give only the SPS ratio.
+    queue = [(env_id, seed, False) for env_id in a.env_ids for seed in a.seeds]
+    queue += [(env_id, seed, True) for env_id in a.env_ids for seed in a.seeds[:a.ratio_runs]]
+    running, results, ratios = [], [], {}
     while queue or running:
-        while queue and len(running) < a.parallel:
-            env_id, seed = queue.pop(0)
-            proc, start, cmd = launch(a.script, env_id, seed, out, a.extra.split(), a.eval)
-            running.append((proc, start, env_id, seed, cmd))
-        time.sleep(0.2)
+        while queue and len(running) < a.parallel and not (running and queue[0][2]):
+            env_id, seed, beside = queue.pop(0)
+            sub = os.path.join(out, "ratio") if beside else out
+            proc, start, cmd = launch(a.script, env_id, seed, sub, a.extra.split(), a.eval and not beside)
+            running.append((proc, start, env_id, seed, cmd, beside, sub))
+        marks = None
+        if running[0][5]:
+            envs, num_envs = make_target_envs(a.script, running[0][2], a.extra.split())
+            marks = step_randomly_while(running[0][0], envs, num_envs)
+            envs.close()
+        else:
+            time.sleep(0.2)
         for item in list(running):
-            proc, start, env_id, seed, cmd = item
+            proc, start, env_id, seed, cmd, beside, sub = item
             if proc.poll() is None:
                 continue
             running.remove(item)
             if proc.returncode != 0:
                 print(f"FAILED ({proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
                 continue
-            r = {"script": a.script, "env_id": env_id, "seed": seed, "command": " ".join(cmd[1:]).replace(ROOT + "/", "")}
-            r.update(analyse(run_dir_of(out, env_id, seed), start, env_id))
+            r = analyse(run_dir_of(sub, env_id, seed), start, env_id)
+            if beside:
+                lo, hi = r["sps_window"]
+                inside = marks[(marks[:, 0] >= lo) & (marks[:, 0] <= hi)]
+                random_sps = float((inside[-1, 1] - inside[0, 1]) / (inside[-1, 0] - inside[0, 0]))
+                ratios.setdefault(env_id, []).append((r["sps"], random_sps))
+                print(f"{env_id} seed {seed} beside random stepping: SPS {r['sps']:.0f}, "
+                      f"random-action SPS {random_sps:.0f}, ratio {r['sps'] / random_sps:.2f}", flush=True)
+                continue
+            r.update({"script": a.script, "env_id": env_id, "seed": seed,
+                      "command": " ".join(cmd[1:]).replace(ROOT + "/", "")})
+            r.pop("sps_window", None)
             if a.eval:
                 r["eval"] = evaluate(a.script, env_id, seed, out)
             results.append(r)
             print(f"{env_id} seed {seed}: solve {fmt(r['solve_s'])} s at {r['solve_steps']} steps, "
                   f"EMA solve {fmt(r['ema_solve_s'])} s, final100 {r['final100']:.1f}, SPS {r.get('sps', 0):.0f}"
                   + (f", eval {fmt(r['eval'])}" if a.eval else ""), flush=True)
-    for env_id in a.env_ids:
-        rs = random_sps(a.script, env_id)
-        for r in results:
-            if r["env_id"] == env_id:
-                r["random_sps"] = rs
+    for r in results:
+        r["beside"] = ratios.get(r["env_id"], [])
     results.sort(key=lambda r: (a.env_ids.index(r["env_id"]), r["seed"]))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(results, f)

@@ -16,8 +16,8 @@ GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
 
 def t(rows):
-    """Hand-written (N, T) rows -> a (T, N) tensor, so each env reads as a line below."""
-    return torch.tensor(rows, dtype=torch.float32).T
+    """Hand-written (N, T) rows -> a (T, N) array, so each env reads as a line below."""
+    return np.array(rows, dtype=np.float32).T
 
 
 # ---------------------------------------------------------------------------------------------
@@ -33,8 +33,8 @@ def test_gae_same_step_rollout_with_termination_and_truncation():
                 [1.0, 2.0, 0.5, 0.2, 0.1]])
     next_values = t([[0.4, 0.3, 9.0, 0.7, 0.8],
                      [2.0, 3.0, 0.2, 0.1, 0.0]])
-    terminations = t([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]).bool()
-    truncations = t([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0]]).bool()
+    terminations = t([[0, 0, 1, 0, 0], [0, 0, 0, 0, 0]]).astype(bool)
+    truncations = t([[0, 0, 0, 0, 0], [0, 1, 0, 0, 0]]).astype(bool)
     adv, ret = ppo.gae(rewards, values, next_values, terminations, truncations, GAMMA, LAM)
 
     # Env 0: δ = r + 0.9 V' (1 - term) - V
@@ -48,8 +48,8 @@ def test_gae_same_step_rollout_with_termination_and_truncation():
     #   A1 = 1.7 (episode ends), A0 = 1.3 + 0.45·1.7 = 2.065
     expected = t([[1.39325, 1.185, 0.7, 1.489, 1.02],
                   [2.065, 1.7, 0.71275, 2.295, 0.9]])
-    torch.testing.assert_close(adv, expected)
-    torch.testing.assert_close(ret, expected + values)
+    np.testing.assert_allclose(adv, expected, rtol=1e-6)
+    np.testing.assert_allclose(ret, expected + values, rtol=1e-6)
 
 
 def test_gae_next_step_rollout_ignores_the_reset_step():
@@ -62,8 +62,8 @@ def test_gae_next_step_rollout_ignores_the_reset_step():
                 [1.0, 1.0, 4.0, 0.5, 0.5]])
     next_values = t([[0.4, 7.0, 0.6, 0.7, 0.2],
                      [1.0, 4.0, 0.5, 0.5, 1.0]])
-    terminations = t([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]).bool()
-    truncations = t([[0, 0, 0, 0, 0], [0, 0, 1, 0, 0]]).bool()
+    terminations = t([[0, 1, 0, 0, 0], [0, 0, 0, 0, 0]]).astype(bool)
+    truncations = t([[0, 0, 0, 0, 0], [0, 0, 1, 0, 0]]).astype(bool)
     adv, _ = ppo.gae(rewards, values, next_values, terminations, truncations, GAMMA, LAM)
 
     # Env 0: δ0 = 1 + 0.36 - 0.5 = 0.86, δ1 = 2 - 0.4 = 1.6 (terminal: 7.0 unused),
@@ -76,18 +76,18 @@ def test_gae_next_step_rollout_ignores_the_reset_step():
     #   A0 = 0.9 + 0.45·2.4525 = 2.003625
     for env, step, value in [(0, 0, 1.58), (0, 1, 1.6), (0, 3, 1.246), (0, 4, 0.48),
                              (1, 0, 2.003625), (1, 1, 2.4525), (1, 2, -2.55), (1, 4, 2.4)]:
-        assert adv[step, env].item() == pytest.approx(value), (env, step)
+        assert adv[step, env] == pytest.approx(value), (env, step)
 
 
 def test_gae_with_lambda_one_and_no_boundary_is_the_discounted_return_minus_value():
     # λ = 1, γ = 0.5, rewards 1, 2, 4, bootstrap V' = 8 after the last step, V = 0:
     # R0 = 1 + 0.5·2 + 0.25·4 + 0.125·8 = 4, R1 = 2 + 2 + 2 = 6, R2 = 4 + 4 = 8
-    rewards = torch.tensor([[1.0], [2.0], [4.0]])
-    zeros = torch.zeros(3, 1)
-    next_values = torch.tensor([[0.0], [0.0], [8.0]])
-    no = torch.zeros(3, 1, dtype=torch.bool)
+    rewards = np.array([[1.0], [2.0], [4.0]], np.float32)
+    zeros = np.zeros((3, 1), np.float32)
+    next_values = np.array([[0.0], [0.0], [8.0]], np.float32)
+    no = np.zeros((3, 1), bool)
     adv, ret = ppo.gae(rewards, zeros, next_values, no, no, 0.5, 1.0)
-    torch.testing.assert_close(ret, torch.tensor([[4.0], [6.0], [8.0]]))
+    np.testing.assert_allclose(ret, [[4.0], [6.0], [8.0]])
 
 
 # ---------------------------------------------------------------------------------------------
