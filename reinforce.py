@@ -1,0 +1,525 @@
+"""REINFORCE (Monte Carlo policy gradient), in one file.
+
+The vanilla policy gradient as the seed tutorial derives it: sample complete episodes from
+π_θ(a|s), weight each -log π_θ(a_t|s_t) by the discounted reward-to-go G_t (normalised over
+the batch), average over the N episodes, and take a gradient step:
+
+    ∇_θ J(θ) ≈ 1/N Σ_i Σ_t ∇_θ log π_θ(a_t^i|s_t^i) Ĝ_t^i
+
+    python reinforce.py --env-id CartPole-v1
+    python reinforce.py --env-id Pendulum-v1          # a Gaussian policy for Box actions
+    python reinforce.py --eval-checkpoint runs/RUN/model.pt
+
+No critic (that is a2c.py). Two corrections to the seed: its step 4 writes the return as
+[r_T, r_T + γ r_{T-1}, ...], which discounts the earlier reward; the reward-to-go is
+G_t = Σ_{k≥t} γ^{k-t} r_k (see `discounted_returns`). And a time limit is handled
+deliberately (see `discounted_returns` and `collect_episodes`).
+"""
+
+import importlib.util
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from gymnasium.vector import AutoresetMode
+
+SCRIPT = os.path.basename(__file__)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, train on the GPU (off: small MLPs are faster on the CPU)"""
+    capture_video: bool = False
+    """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
+    save_model: bool = False
+    """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C)"""
+
+    env_id: str = "CartPole-v1"
+    """the id of the environment (Discrete or Box actions)"""
+    total_timesteps: int = 500_000
+    """total env steps of the experiment"""
+    learning_rate: float = 5e-3
+    """the learning rate of the Adam optimizer"""
+    num_envs: int = 8
+    """the number of parallel game environments"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    episodes_per_update: int = 16
+    """N, the complete episodes each gradient step averages over (a multiple of --num-envs)"""
+    normalize_returns: bool = True
+    """toggles normalising the rewards-to-go over the batch (mean 0, std 1), as the seed does"""
+
+    eval_checkpoint: Optional[str] = None
+    """evaluate this saved model (deterministic policy) instead of training"""
+    eval_episodes: int = 10
+    """the number of episodes to evaluate a saved model for"""
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit code 2."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss became NaN or infinite: training stops before the step that would apply it."""
+
+
+def check_args(args: Args) -> None:
+    counts = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs,
+                  episodes_per_update=args.episodes_per_update, eval_episodes=args.eval_episodes)
+    for name, value in counts.items():
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    if args.episodes_per_update % args.num_envs:
+        raise UserError(f"--episodes-per-update {args.episodes_per_update} is not a multiple of "
+                        f"--num-envs {args.num_envs}: each env plays the same number of episodes per update")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        raise UserError("--capture-video needs moviepy: pip install moviepy")
+    if not 0.0 < args.gamma <= 1.0:
+        raise UserError("--gamma must lie in (0, 1]")
+    if args.learning_rate <= 0:
+        raise UserError("--learning-rate must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+
+def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False,
+              run_name: str = "") -> gym.vector.VectorEnv:
+    """N copies of `env_id` stepping together, with episode statistics recorded.
+
+    The env's own vectorised implementation is used where it has one (CartPole's steps all
+    envs in one numpy call); it autoresets NEXT_STEP. Otherwise a SyncVectorEnv, SAME_STEP.
+    """
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown env id {env_id!r} ({e})") from None
+    try:
+        if spec.vector_entry_point is not None and not capture_video:
+            envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
+        else:
+            def thunk(i):
+                def make():
+                    if capture_video and i == 0:
+                        env = gym.make(env_id, render_mode="rgb_array")
+                        return gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+                    return gym.make(env_id)
+                return make
+            envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)],
+                                            autoreset_mode=AutoresetMode.SAME_STEP)
+    except gym.error.Error as e:
+        raise UserError(f"cannot make {env_id!r}: {e}") from None
+    action_space = envs.single_action_space
+    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)) or (
+            isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1):
+        envs.close()
+        raise UserError(f"{env_id} has action space {action_space}; {SCRIPT} needs Discrete or a flat Box")
+    obs_space = envs.single_observation_space
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        envs.close()
+        raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box")
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
+    envs.action_space.seed(seed)
+    return envs
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy network π_θ(a|s)
+# ---------------------------------------------------------------------------------------------
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Policy(nn.Module):
+    """π_θ(a|s): a 64-64 tanh MLP giving softmax logits over Discrete actions, or, for Box
+    actions, the mean of a Gaussian N(μ_θ(s), σ²) whose log σ is learned per action dimension."""
+
+    def __init__(self, obs_dim: int, action_space: gym.Space):
+        super().__init__()
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        out_dim = int(action_space.n) if self.discrete else action_space.shape[0]
+        self.net = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            # A small last layer starts the policy near uniform (or near mean 0), so it explores.
+            layer_init(nn.Linear(64, out_dim), std=0.01),
+        )
+        self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
+
+    def log_prob_and_entropy(self, obs: torch.Tensor, actions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log π_θ(a|s), entropy of π_θ(·|s)) for given states and actions."""
+        out = self.net(obs)
+        if self.discrete:
+            logp = torch.log_softmax(out, dim=-1)
+            return logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1), categorical_entropy(logp)
+        return gaussian_log_prob(actions, out, self.log_std), gaussian_entropy(self.log_std).expand(len(obs))
+
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """argmax_a π_θ(a|s), or the Gaussian's mean: the policy used to evaluate a saved model."""
+        out = self.net(obs)
+        return out.argmax(-1) if self.discrete else out
+
+
+def categorical_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(π(·|s)) = -Σ_a π(a|s) log π(a|s), from log-probabilities over the last dimension."""
+    return -(logp.exp() * logp).sum(-1)
+
+
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log N(a; μ, σ²) summed over action dimensions: Σ_d -(a_d-μ_d)²/(2σ_d²) - log σ_d - ½ log 2π."""
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """H(N(μ, σ²)) summed over action dimensions: Σ_d ½ log(2πe) + log σ_d."""
+    return (0.5 * np.log(2 * np.pi * np.e) + log_std).sum()
+
+
+class NumpyPolicy:
+    """a ~ π_θ(·|s) for collecting episodes: the network's forward pass in numpy, on a copy of
+    its weights. For a handful of envs torch spends ~10 µs of overhead per layer, numpy ~1 µs,
+    and acting is most of the cost of a step. Made anew from the policy before each batch."""
+
+    def __init__(self, policy: Policy, rng: np.random.Generator):
+        self.layers = [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
+                       for m in policy.net if isinstance(m, nn.Linear)]
+        self.std = None if policy.discrete else np.exp(policy.log_std.detach().cpu().numpy())
+        self.rng = rng
+
+    def forward(self, obs: np.ndarray) -> np.ndarray:
+        x = obs
+        for i, (weight, bias) in enumerate(self.layers):
+            x = x @ weight + bias
+            if i < len(self.layers) - 1:
+                x = np.tanh(x)
+        return x
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        out = self.forward(obs)
+        if self.std is None:  # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits)
+            return np.argmax(out - np.log(self.rng.standard_exponential(out.shape, dtype=out.dtype)), axis=-1)
+        return out + self.std * self.rng.standard_normal(out.shape, dtype=out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Sample complete episodes from π_θ
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Episodes:
+    """A batch of complete episodes laid out as the envs played them, each field (T, N, ...).
+
+    Env i plays its episodes one after another in column i; `dones[t, i]` marks the last step
+    of an episode (terminated or truncated); `mask[t, i]` is False for the steps that belong
+    to no episode of the batch (a NEXT_STEP reset step, or steps after env i's quota).
+    """
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    dones: np.ndarray
+    mask: np.ndarray
+    num_episodes: int
+
+
+def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = None,
+                     on_episode=None) -> Episodes:
+    """Reset every env, then step until each has played `episodes_per_env` complete episodes.
+
+    Every env plays the same number of episodes from a fresh start, so the batch is not
+    biased towards short episodes (as it would be if it kept the first N episodes to end).
+    An env that has played its quota keeps stepping (the vector env steps all together) but
+    those steps are masked out. A truncated episode counts as complete: see `discounted_returns`.
+    Box actions are stored as sampled and clipped to the space only for the env.
+    """
+    next_step_mode = envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    space = envs.single_action_space
+    bounds = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
+    obs, _ = envs.reset(seed=seed)
+    num_envs = len(obs)
+    played = np.zeros(num_envs, np.int64)
+    resetting = np.zeros(num_envs, bool)
+    steps = {"obs": [], "actions": [], "rewards": [], "dones": [], "mask": []}
+    while (played < episodes_per_env).any():
+        action = policy(obs)
+        steps["obs"].append(obs)
+        steps["actions"].append(action)
+        steps["mask"].append((played < episodes_per_env) & ~resetting)
+        obs, reward, terminated, truncated, info = envs.step(action if bounds is None else np.clip(action, *bounds))
+        done = terminated | truncated
+        steps["rewards"].append(reward)
+        steps["dones"].append(done)
+        played += done & steps["mask"][-1]
+        if next_step_mode:
+            resetting = done
+        if on_episode is not None and "_episode" in info:
+            ended = info["_episode"]
+            on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
+    return Episodes(obs=np.stack(steps["obs"]).astype(np.float32), actions=np.stack(steps["actions"]),
+                    rewards=np.stack(steps["rewards"]).astype(np.float32), dones=np.stack(steps["dones"]),
+                    mask=np.stack(steps["mask"]), num_episodes=episodes_per_env * num_envs)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. The math: rewards-to-go, their normalisation, the loss
+# ---------------------------------------------------------------------------------------------
+
+def discounted_returns(rewards: np.ndarray, dones: np.ndarray, gamma: float) -> np.ndarray:
+    """G_t = r_t + γ(1-done_t)G_{t+1} = Σ_{k=t}^{end} γ^{k-t} r_k, the reward-to-go of each step.
+
+    Arrays (T, N), one env's episodes after one another in each column; `dones` marks each
+    episode's last step. The seed's step 4 lists [r_T, r_T + γ r_{T-1}, ...], which weights
+    the earlier reward by γ; the reward-to-go discounts the later ones, as here.
+    A truncated episode (time limit) ends like a terminated one: REINFORCE has no critic to
+    estimate what lies past the cut, and the time limit is part of the task the agent is
+    scored on (its episodic return stops there), so J(θ) is the finite-horizon return.
+    """
+    returns = np.zeros_like(rewards)
+    following = np.zeros_like(rewards[0])
+    for t in reversed(range(len(rewards))):
+        following = returns[t] = rewards[t] + gamma * (1.0 - dones[t]) * following
+    return returns
+
+
+def normalize_returns(returns: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Ĝ = (G - μ_G) / (σ_G + ε), over the batch: a baseline that lowers the gradient's variance."""
+    return (returns - returns.mean()) / (returns.std() + eps)
+
+
+def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, num_episodes: int) -> torch.Tensor:
+    """L(θ) = -1/N Σ_i Σ_t log π_θ(a_t^i|s_t^i) Ĝ_t^i: its gradient is -∇_θ J(θ)."""
+    return -(log_probs * returns).sum() / num_episodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def space_signature(envs) -> dict:
+    action_space = envs.single_action_space
+    return {"obs_dim": envs.single_observation_space.shape[0],
+            "action_type": type(action_space).__name__,
+            "action_dim": int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else action_space.shape[0]}
+
+
+def save_checkpoint(path: str, args: Args, global_step: int, policy: Policy, optimizer, envs) -> None:
+    # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
+    torch.save({"script": SCRIPT, "args": asdict(args), "global_step": global_step, "model": policy.state_dict(),
+                "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
+                # Kept for the contract all four scripts share: this script normalises nothing.
+                "obs_rms": None}, path)
+
+
+def load_checkpoint(path: str, env_id: str, envs) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torch.load of a foreign file can raise almost anything
+        raise UserError(f"{path} is not a checkpoint this script can read ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
+        raise UserError(f"{path} was written by {writer}, not {SCRIPT}")
+    if ckpt["spaces"] != space_signature(envs):
+        raise UserError(f"{path} was trained on {ckpt['args']['env_id']}, whose spaces differ from {env_id}'s: "
+                        f"pass --env-id {ckpt['args']['env_id']}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def select_device(args: Args) -> torch.device:
+    if args.cuda and not torch.cuda.is_available():
+        print(f"{SCRIPT}: warning: --cuda given but no GPU is available; running on the CPU", file=sys.stderr)
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(args: Args) -> None:
+    # One thread is fastest for 64-unit MLPs, and keeps a run's numbers independent of core count.
+    torch.set_num_threads(1)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+
+class StatusLine:
+    """Progress every few seconds on one line (a new line each time when not a terminal)."""
+
+    def __init__(self, total: int, every: float = 3.0):
+        self.total, self.every = total, every
+        self.start = self.last = time.time()
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, recent_returns, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        sps = step / max(now - self.start, 1e-9)
+        mean = f"{np.mean(recent_returns):9.2f}" if len(recent_returns) else "      n/a"
+        left = max(self.total - step, 0) / max(sps, 1e-9)
+        line = (f"step {step:>{len(str(self.total))}}/{self.total}  SPS {sps:7.0f}  "
+                f"return (last {len(recent_returns):3d}) {mean}  left {left:5.0f}s")
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print()
+
+
+def train(args: Args) -> None:
+    check_args(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device = select_device(args)
+    seed_everything(args)
+
+    envs = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
+    policy = Policy(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=device.type in ("cpu", "cuda"))
+
+    from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    rng = np.random.default_rng(args.seed)
+    global_step = 0
+    status = StatusLine(args.total_timesteps)
+
+    def on_episode(returns, lengths):
+        for r, l in zip(returns, lengths):
+            writer.add_scalar("charts/episodic_return", r, global_step)
+            writer.add_scalar("charts/episodic_length", l, global_step)
+
+    def save(reason: str) -> None:
+        if args.save_model:
+            path = f"runs/{run_name}/model.pt"
+            save_checkpoint(path, args, global_step, policy, optimizer, envs)
+            print(f"{SCRIPT}: model saved to {path} ({reason})")
+
+    start_time = time.time()
+    first_batch = True
+    try:
+        while global_step < args.total_timesteps:
+            # 1. Sample N complete episodes from π_θ (an env's first reset is seeded).
+            batch = collect_episodes(envs, NumpyPolicy(policy, rng),
+                                     args.episodes_per_update // args.num_envs,
+                                     seed=args.seed if first_batch else None, on_episode=on_episode)
+            first_batch = False
+            global_step += batch.mask.size
+
+            # 2. Rewards-to-go G_t, normalised over the batch's steps.
+            returns = discounted_returns(batch.rewards, batch.dones, args.gamma)[batch.mask]
+            returns = torch.from_numpy(returns).to(device)
+            if args.normalize_returns:
+                returns = normalize_returns(returns)
+
+            # 3. One gradient step on L(θ) = -1/N Σ_i Σ_t log π_θ(a_t|s_t) Ĝ_t.
+            obs = torch.from_numpy(batch.obs[batch.mask]).to(device)
+            actions = torch.from_numpy(batch.actions[batch.mask]).to(device)
+            log_probs, entropy = policy.log_prob_and_entropy(obs, actions)
+            loss = reinforce_loss(log_probs, returns, batch.num_episodes)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/policy_loss", loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy.mean().item(), global_step)
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            status.update(global_step, envs.return_queue)
+        status.update(global_step, envs.return_queue, force=True)
+        status.close()
+        save("end of training")
+    except KeyboardInterrupt:
+        status.close()
+        print(f"{SCRIPT}: interrupted at step {global_step}")
+        save("interrupted")
+        writer.close()
+        envs.close()
+        sys.exit(130)
+    except NonFiniteLoss:
+        status.close()
+        save("non-finite gradient")
+        writer.close()
+        envs.close()
+        print(f"{SCRIPT}: error: the loss became NaN or infinite at step {global_step}; "
+              "stopped before applying it", file=sys.stderr)
+        sys.exit(1)
+    writer.close()
+    envs.close()
+
+
+def evaluate(args: Args) -> None:
+    """Run the deterministic policy of a saved model for `eval_episodes` episodes; train nothing."""
+    check_args(args)
+    device = select_device(args)
+    seed_everything(args)
+    # One env per episode, so short episodes are not over-represented in the mean.
+    envs = make_envs(args.env_id, args.eval_episodes, args.seed)
+    ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
+    policy = Policy(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
+    policy.load_state_dict(ckpt["model"])
+    space = envs.single_action_space
+
+    returns = np.full(args.eval_episodes, np.nan)
+    obs, _ = envs.reset(seed=args.seed)
+    with torch.inference_mode():
+        while np.isnan(returns).any():
+            action = policy.act_deterministic(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            if isinstance(space, gym.spaces.Box):
+                action = np.clip(action, space.low, space.high)
+            obs, _, _, _, info = envs.step(action)
+            if "_episode" in info:
+                first = info["_episode"] & np.isnan(returns)
+                returns[first] = info["episode"]["r"][first]
+    envs.close()
+
+    from torch.utils.tensorboard import SummaryWriter
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    for i, r in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", r, i)
+    writer.close()
+    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
+          f"return {returns.mean():.2f} ± {returns.std():.2f}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    try:
+        evaluate(args) if args.eval_checkpoint else train(args)
+    except UserError as e:
+        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
+        print(f"{SCRIPT}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,295 @@
+"""Tests of reinforce.py: rewards-to-go, normalisation, loss and log-probabilities against
+numbers worked out by hand; the episode batching in both autoreset modes; the script end to end."""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import reinforce
+from conftest import interrupt_script, read_tags, run_main, run_script
+
+
+def cols(rows, dtype=np.float32):
+    """Hand-written per-env rows -> a (T, N) array."""
+    return np.array(rows, dtype=dtype).T
+
+
+# ---------------------------------------------------------------------------------------------
+# Rewards-to-go, normalisation, loss
+# ---------------------------------------------------------------------------------------------
+
+def test_discounted_returns_of_two_episodes_of_unequal_length():
+    # γ = 0.5. Env 0 plays episode A, rewards 1, 2, 4 (3 steps); env 1 plays episode B,
+    # rewards 3, 1 (2 steps) and then a step that belongs to no episode (reward 7, masked).
+    rewards = cols([[1, 2, 4], [3, 1, 7]])
+    dones = cols([[0, 0, 1], [0, 1, 1]], bool)
+    returns = reinforce.discounted_returns(rewards, dones, 0.5)
+    # A: G2 = 4, G1 = 2 + 0.5·4 = 4, G0 = 1 + 0.5·4 = 3
+    #    (the seed's list [r_T, r_T + γ r_{T-1}, ...] would give 4, 5, 5.25)
+    # B: G1 = 1, G0 = 3 + 0.5·1 = 3.5 (the masked step's 7 must not leak in)
+    np.testing.assert_allclose(returns[:, 0], [3, 4, 4])
+    np.testing.assert_allclose(returns[:2, 1], [3.5, 1])
+
+
+def test_discounted_returns_stop_at_each_episode_end_in_a_column():
+    # One env, an episode of 2 steps truncated by a time limit, then one of 1 step: rewards
+    # 1, 2 | 4. Truncation ends the sum like a termination (finite-horizon return): G = 2, 2 | 4.
+    rewards = np.array([[1.0], [2.0], [4.0]], np.float32)
+    dones = np.array([[False], [True], [True]])
+    np.testing.assert_allclose(reinforce.discounted_returns(rewards, dones, 0.5)[:, 0], [2, 2, 4])
+
+
+def test_normalize_returns():
+    # The batch's G of the first test: 3, 4, 4, 3.5, 1. Mean 15.5/5 = 3.1; deviations -0.1,
+    # 0.9, 0.9, 0.4, -2.1; squares sum 6.2; sample variance 6.2/4 = 1.55, std 1.2449900.
+    g = torch.tensor([3.0, 4.0, 4.0, 3.5, 1.0])
+    expected = torch.tensor([-0.1, 0.9, 0.9, 0.4, -2.1]) / 1.2449900
+    torch.testing.assert_close(reinforce.normalize_returns(g), expected)
+
+
+def test_reinforce_loss():
+    # -1/N Σ log π · Ĝ with N = 2 episodes: Σ = (-0.5)(1) + (-1)(-1) + (-2)(0.5) = -0.5 → 0.25
+    log_probs = torch.tensor([-0.5, -1.0, -2.0])
+    returns = torch.tensor([1.0, -1.0, 0.5])
+    assert reinforce.reinforce_loss(log_probs, returns, 2).item() == pytest.approx(0.25)
+
+
+def test_one_gradient_step_follows_the_sign_of_the_normalised_return():
+    torch.manual_seed(0)
+    policy = reinforce.Policy(2, gym.spaces.Discrete(2))
+    opt = torch.optim.SGD(policy.parameters(), lr=0.5)
+    obs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    actions = torch.tensor([0, 1])
+    returns = torch.tensor([1.0, -1.0])  # action 0 in s1 did well, action 1 in s2 badly
+    before, _ = policy.log_prob_and_entropy(obs, actions)
+    log_probs, _ = policy.log_prob_and_entropy(obs, actions)
+    opt.zero_grad()
+    reinforce.reinforce_loss(log_probs, returns, 1).backward()
+    opt.step()
+    after, _ = policy.log_prob_and_entropy(obs, actions)
+    assert after[0] > before[0]  # log π(a=0|s1) raised
+    assert after[1] < before[1]  # log π(a=1|s2) lowered
+
+
+def test_gaussian_log_prob_and_entropy():
+    # log N(a; μ, σ²) = -(a-μ)²/(2σ²) - log σ - ½ log 2π, with ½ log 2π = 0.9189385:
+    # dim 1: a = 1, μ = 0, σ = 1 → -0.5 - 0 - 0.9189385 = -1.4189385
+    # dim 2: a = 0.5, μ = 0.5, σ = 2 → 0 - 0.6931472 - 0.9189385 = -1.6120857; sum -3.0310242
+    log_std = torch.tensor([0.0, math.log(2.0)])
+    lp = reinforce.gaussian_log_prob(torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 0.5]]), log_std)
+    assert lp.item() == pytest.approx(-3.0310242)
+    # H = Σ ½ log(2πe) + log σ = 2·1.4189385 + 0.6931472 = 3.5310242
+    assert reinforce.gaussian_entropy(log_std).item() == pytest.approx(3.5310242)
+
+
+def test_categorical_log_prob_and_entropy():
+    policy = reinforce.Policy(3, gym.spaces.Discrete(2))
+    with torch.no_grad():
+        policy.net[-1].weight.zero_()
+        policy.net[-1].bias.copy_(torch.log(torch.tensor([0.25, 0.75])))
+    lp, ent = policy.log_prob_and_entropy(torch.zeros(2, 3), torch.tensor([0, 1]))
+    torch.testing.assert_close(lp, torch.log(torch.tensor([0.25, 0.75])))
+    # H = -(0.25 ln 0.25 + 0.75 ln 0.75) = 0.5623351
+    torch.testing.assert_close(ent, torch.full((2,), 0.5623351))
+
+
+def test_numpy_policy_matches_the_network_and_samples_the_gaussian():
+    policy = reinforce.Policy(3, gym.spaces.Box(-1, 1, (2,)))
+    with torch.no_grad():
+        policy.log_std.copy_(torch.log(torch.tensor([0.5, 2.0])))
+    obs = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
+    acting = reinforce.NumpyPolicy(policy, np.random.default_rng(0))
+    np.testing.assert_allclose(acting.forward(obs), policy.net(torch.from_numpy(obs)).detach().numpy(), atol=1e-6)
+    samples = np.stack([acting(obs[:1])[0] for _ in range(20_000)])
+    mean = acting.forward(obs[:1])[0]
+    np.testing.assert_allclose(samples.mean(0), mean, atol=0.05)   # σ/√n ≈ 0.004, 0.014
+    np.testing.assert_allclose(samples.std(0), [0.5, 2.0], rtol=0.03)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches of complete episodes from a real Gymnasium vector env
+# ---------------------------------------------------------------------------------------------
+
+class Counter(gym.Env):
+    """obs = [steps taken this episode]; reward = that count after the step; ends at `terminate_at`."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, terminate_at=100):
+        self.terminate_at = terminate_at
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.n += 1
+        return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
+
+
+def counter_envs(mode):
+    # Env 0 terminates after 3 steps; env 1 is cut by a time limit after 2.
+    return gym.vector.SyncVectorEnv(
+        [lambda: Counter(terminate_at=3), lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2)],
+        autoreset_mode=mode)
+
+
+def zeros_policy(obs):
+    return np.zeros(len(obs), np.int64)
+
+
+def test_collect_episodes_same_step():
+    batch = reinforce.collect_episodes(counter_envs(AutoresetMode.SAME_STEP), zeros_policy, 2, seed=0)
+    # env 0 plays 3 + 3 steps; env 1 plays 2 + 2 steps, then waits (masked) for env 0.
+    assert batch.num_episodes == 4
+    assert batch.obs[:, :, 0].T.tolist() == [[0, 1, 2, 0, 1, 2], [0, 1, 0, 1, 0, 1]]
+    assert batch.rewards.T.tolist() == [[1, 2, 3, 1, 2, 3], [1, 2, 1, 2, 1, 2]]
+    assert batch.dones.T.tolist() == [[False, False, True] * 2, [False, True] * 3]
+    assert batch.mask.T.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    # γ = 0.5: episode 1, 2, 3 → G = 2.75, 3.5, 3; episode 1, 2 → G = 2, 2
+    returns = reinforce.discounted_returns(batch.rewards, batch.dones, 0.5)
+    assert returns[batch.mask].tolist() == [2.75, 2, 3.5, 2, 3, 2, 2.75, 2, 3.5, 3]
+
+
+def test_collect_episodes_next_step_masks_reset_steps():
+    batch = reinforce.collect_episodes(counter_envs(AutoresetMode.NEXT_STEP), zeros_policy, 2, seed=0)
+    # env 0: 0→1, 1→2, 2→3 (end), reset step, 0→1, 1→2, 2→3 (end)
+    # env 1: 0→1, 1→2 (end), reset step, 0→1, 1→2 (end), then masked steps: reset, 0→1
+    assert batch.obs[:, :, 0].T.tolist() == [[0, 1, 2, 3, 0, 1, 2], [0, 1, 2, 0, 1, 2, 0]]
+    assert batch.rewards.T.tolist() == [[1, 2, 3, 0, 1, 2, 3], [1, 2, 0, 1, 2, 0, 1]]
+    assert batch.mask.T.tolist() == [[True, True, True, False, True, True, True],
+                                     [True, True, False, True, True, False, False]]
+    returns = reinforce.discounted_returns(batch.rewards, batch.dones, 0.5)
+    assert returns[:, 0][batch.mask[:, 0]].tolist() == [2.75, 3.5, 3, 2.75, 3.5, 3]
+    assert returns[:, 1][batch.mask[:, 1]].tolist() == [2, 2, 2, 2]
+
+
+class Echo(gym.Env):
+    """Box action in [-1, 1]; the reward is the action the env received; 2 steps an episode."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        self.n += 1
+        return np.zeros(1, np.float32), float(action[0]), self.n == 2, False, {}
+
+
+def test_collect_episodes_clips_box_actions_only_for_the_env():
+    envs = gym.vector.SyncVectorEnv([Echo, Echo], autoreset_mode=AutoresetMode.SAME_STEP)
+    policy = lambda obs: np.array([[5.0], [-3.0]], np.float32)  # outside [-1, 1]
+    batch = reinforce.collect_episodes(envs, policy, 1, seed=0)
+    assert batch.actions[:, :, 0].T.tolist() == [[5.0, 5.0], [-3.0, -3.0]]  # stored as sampled
+    assert batch.rewards.T.tolist() == [[1.0, 1.0], [-1.0, -1.0]]  # the env got them clipped
+
+
+# ---------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------
+
+SMALL = ["--total-timesteps", "1500", "--num-envs", "4", "--episodes-per-update", "4"]
+TAGS = {"charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+        "losses/policy_loss", "losses/entropy"}
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])  # Discrete (NEXT_STEP), Box (SAME_STEP)
+def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith(f"{env_id}__reinforce__1__")
+    tags, texts = read_tags(run)
+    assert TAGS <= set(tags)
+    assert "|episodes_per_update|4|" in texts["hyperparameters/text_summary"]
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["script"] == "reinforce.py" and ckpt["global_step"] >= 1500
+
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+                   "--eval-episodes", "2")
+    assert out.returncode == 0, out.stderr
+    assert "eval: 2 episodes" in out.stdout
+
+
+def test_same_seed_same_returns(tmp_path):
+    returns = []
+    for i in range(2):
+        out = run_script("reinforce.py", tmp_path / str(i), *SMALL, "--seed", "3")
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / str(i) / "runs").iterdir()
+        returns.append(read_tags(run)[0]["charts/episodic_return"])
+    assert len(returns[0]) > 10
+    assert returns[0] == returns[1]
+
+
+def one_line_error(out, *fragments):
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("reinforce.py: error: "), out.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
+    (["--num-envs", "4", "--episodes-per-update", "6"], ["not a multiple of --num-envs 4"]),
+    (["--num-envs", "0"], ["--num-envs must be positive"]),
+    (["--episodes-per-update", "-2"], ["--episodes-per-update must be positive"]),
+    (["--eval-checkpoint", "missing.pt"], ["no checkpoint at missing.pt"]),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
+    one_line_error(run_main(reinforce, tmp_path, capsys, *argv), *fragments)
+
+
+def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
+    one_line_error(run_script("reinforce.py", tmp_path, "--env-id", "NoSuchEnv-v0"), "unknown env id")
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    foreign = tmp_path / "ppo.pt"
+    torch.save({"script": "ppo.py", "model": {}}, foreign)
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "written by ppo.py")
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint",
+                            str(run / "model.pt")), "trained on CartPole-v1", "--env-id CartPole-v1")
+
+
+def test_ctrl_c_saves_model_and_logs(tmp_path):
+    out = interrupt_script("reinforce.py", tmp_path, "--total-timesteps", "10000000", "--save-model")
+    assert out.returncode == 130, out.stderr
+    assert "Traceback" not in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "model.pt").exists()
+    assert read_tags(run)[0]["charts/SPS"]
+
+
+def test_non_finite_loss_stops_and_saves(tmp_path, capsys, monkeypatch):
+    # The third update's loss is NaN (a softmax policy saturates rather than overflow, so no
+    # learning rate reliably produces one).
+    calls, real_loss = [], reinforce.reinforce_loss
+
+    def loss_nan_on_third_call(log_probs, returns, num_episodes):
+        calls.append(1)
+        return real_loss(log_probs, returns, num_episodes) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(reinforce, "reinforce_loss", loss_nan_on_third_call)
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--total-timesteps", "20000", "--save-model")
+    assert out.returncode == 1, out.stderr
+    assert len(calls) == 3 and "NaN or infinite at step" in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    model = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
