@@ -1,0 +1,611 @@
+"""Synchronous Advantage Actor-Critic (A2C), in one file.
+
+The actor-critic the seed tutorial derives, in its synchronous, parallel form: one network
+with a shared body and two heads, the policy π_θ(a|s) and the value V(s). N actors step
+together; every n steps the n-step returns R_t are bootstrapped from V(s_{t+n}), and one
+gradient step is taken on
+
+    L = L^A + c_v L^C - c_e H,   L^A = -E[log π_θ(a_t|s_t) A_t],  A_t = R_t - V(s_t),
+    L^C = E[Huber(R_t - V(s_t))],  H = the entropy of π_θ(·|s_t).
+
+    python a2c.py --env-id CartPole-v1
+    python a2c.py --env-id Pendulum-v1           # a Gaussian head for Box actions
+    python a2c.py --eval-checkpoint runs/RUN/model.pt
+
+Two corrections to the seed: its combined loss L^A - L^C - L^S subtracts the critic loss,
+which would maximise the critic's error, and it says "we'd prefer lower entropy" where it
+means higher: the entropy bonus is there to keep the policy from collapsing too early.
+Gymnasium 1.x: no n-step return runs across an episode's end; a truncated episode (time
+limit) bootstraps from V(final observation), a terminated one does not.
+"""
+
+import importlib.util
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal, Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from gymnasium.vector import AutoresetMode
+
+SCRIPT = os.path.basename(__file__)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, train on the GPU (off: small MLPs are faster on the CPU)"""
+    capture_video: bool = False
+    """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
+    save_model: bool = False
+    """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C)"""
+
+    env_id: str = "CartPole-v1"
+    """the id of the environment (Discrete or Box actions)"""
+    total_timesteps: int = 500_000
+    """total env steps of the experiment"""
+    learning_rate: float = 3e-3
+    """the learning rate of the optimizer"""
+    num_envs: int = 8
+    """the number of synchronous actors (parallel envs)"""
+    num_steps: int = 16
+    """n: the steps each actor takes between updates, and the horizon of the n-step return"""
+    anneal_lr: bool = True
+    """toggle learning-rate annealing (linear, to zero at the end of training)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    norm_adv: bool = True
+    """toggles normalising the advantages over each batch (mean 0, std 1)"""
+    optimizer: Literal["rmsprop", "adam"] = "rmsprop"
+    """RMSprop (alpha 0.99, eps 1e-5) as in the A2C/A3C paper, or Adam (eps 1e-5)"""
+    vf_loss: Literal["huber", "mse"] = "huber"
+    """the critic's loss of R_t - V(s_t): Huber (δ = 1), as the seed says, or squared error"""
+    ent_coef: float = 0.0
+    """c_e, coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """c_v, coefficient of the critic loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the global gradient clipping"""
+
+    eval_checkpoint: Optional[str] = None
+    """evaluate this saved model (deterministic policy) instead of training"""
+    eval_episodes: int = 10
+    """the number of episodes to evaluate a saved model for"""
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit code 2."""
+
+
+def check_args(args: Args) -> None:
+    counts = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs, num_steps=args.num_steps,
+                  eval_episodes=args.eval_episodes)
+    for name, value in counts.items():
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    batch_size = args.num_envs * args.num_steps
+    if args.total_timesteps < batch_size:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one update's steps "
+                        f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size})")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        raise UserError("--capture-video needs moviepy: pip install moviepy")
+    if not 0.0 < args.gamma <= 1.0:
+        raise UserError("--gamma must lie in (0, 1]")
+    if args.learning_rate <= 0 or args.max_grad_norm <= 0:
+        raise UserError("--learning-rate and --max-grad-norm must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+
+def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False,
+              run_name: str = "") -> gym.vector.VectorEnv:
+    """N copies of `env_id` stepping together, with episode statistics recorded.
+
+    The env's own vectorised implementation is used where it has one (CartPole's steps all
+    envs in one numpy call); it autoresets NEXT_STEP. Otherwise a SyncVectorEnv, SAME_STEP.
+    """
+    try:
+        spec = gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown env id {env_id!r} ({e})") from None
+    try:
+        if spec.vector_entry_point is not None and not capture_video:
+            envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
+        else:
+            def thunk(i):
+                def make():
+                    if capture_video and i == 0:
+                        env = gym.make(env_id, render_mode="rgb_array")
+                        return gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+                    return gym.make(env_id)
+                return make
+            envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)],
+                                            autoreset_mode=AutoresetMode.SAME_STEP)
+    except gym.error.Error as e:
+        raise UserError(f"cannot make {env_id!r}: {e}") from None
+    action_space = envs.single_action_space
+    if not isinstance(action_space, (gym.spaces.Discrete, gym.spaces.Box)) or (
+            isinstance(action_space, gym.spaces.Box) and len(action_space.shape) != 1):
+        envs.close()
+        raise UserError(f"{env_id} has action space {action_space}; {SCRIPT} needs Discrete or a flat Box")
+    obs_space = envs.single_observation_space
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        envs.close()
+        raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box")
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
+    envs.action_space.seed(seed)
+    return envs
+
+
+# ---------------------------------------------------------------------------------------------
+# The network: a shared body, an actor head π_θ(a|s) and a critic head V(s)
+# ---------------------------------------------------------------------------------------------
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+def categorical_entropy(logp: torch.Tensor) -> torch.Tensor:
+    """H(π(·|s)) = -Σ_a π(a|s) log π(a|s), from log-probabilities over the last dimension."""
+    return -(logp.exp() * logp).sum(-1)
+
+
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log N(a; μ, σ²) summed over action dimensions: Σ_d -(a_d-μ_d)²/(2σ_d²) - log σ_d - ½ log 2π."""
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * np.log(2 * np.pi)).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """H(N(μ, σ²)) summed over action dimensions: Σ_d ½ log(2πe) + log σ_d."""
+    return (0.5 * np.log(2 * np.pi * np.e) + log_std).sum()
+
+
+class ActorCritic(nn.Module):
+    """A 64-64 tanh body shared by two heads: the actor's logits (Discrete) or Gaussian mean
+    with a learned log σ per action dimension (Box), and the critic's V(s)."""
+
+    def __init__(self, obs_dim: int, action_space: gym.Space):
+        super().__init__()
+        self.discrete = isinstance(action_space, gym.spaces.Discrete)
+        out_dim = int(action_space.n) if self.discrete else action_space.shape[0]
+        self.body = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+        )
+        # A small actor head starts the policy near uniform (or near mean 0), so it explores.
+        self.actor = layer_init(nn.Linear(64, out_dim), std=0.01)
+        self.critic = layer_init(nn.Linear(64, 1), std=1.0)
+        self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
+
+    def get_value(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.critic(self.body(obs)).squeeze(-1)
+
+    def get_action_and_value(self, obs: torch.Tensor, actions: torch.Tensor):
+        """(a, log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
+        hidden = self.body(obs)
+        out, value = self.actor(hidden), self.critic(hidden).squeeze(-1)
+        if self.discrete:
+            logp = torch.log_softmax(out, dim=-1)
+            return actions, logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1), categorical_entropy(logp), value
+        entropy = gaussian_entropy(self.log_std).expand(len(obs))
+        return actions, gaussian_log_prob(actions, out, self.log_std), entropy, value
+
+    def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
+        """argmax_a π_θ(a|s), or the Gaussian's mean: the policy used to evaluate a saved model."""
+        out = self.actor(self.body(obs))
+        return out.argmax(-1) if self.discrete else out
+
+
+class NumpyPolicy:
+    """a ~ π_θ(·|s) for the rollout: body and actor head in numpy, on a copy of the weights.
+
+    Acting is most of a rollout step's cost: for a handful of envs torch spends ~10 µs of
+    overhead per layer, numpy ~1 µs. Made anew from the network before each rollout.
+    """
+
+    def __init__(self, agent: ActorCritic, rng: np.random.Generator):
+        linears = [m for m in agent.body if isinstance(m, nn.Linear)] + [agent.actor]
+        self.layers = [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
+                       for m in linears]
+        self.std = None if agent.discrete else np.exp(agent.log_std.detach().cpu().numpy())
+        self.rng = rng
+
+    def forward(self, obs: np.ndarray) -> np.ndarray:
+        x = obs
+        for i, (weight, bias) in enumerate(self.layers):
+            x = x @ weight + bias
+            if i < len(self.layers) - 1:
+                x = np.tanh(x)
+        return x
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        out = self.forward(obs)
+        if self.std is None:  # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits)
+            return np.argmax(out - np.log(self.rng.standard_exponential(out.shape, dtype=out.dtype)), axis=-1)
+        return out + self.std * self.rng.standard_normal(out.shape, dtype=out.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout: n steps of N synchronous actors
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """n steps of N envs, each field shaped (n, N, ...), as numpy arrays.
+
+    `next_obs[t]` is the state the transition at t led to: the final observation when the
+    episode ended at t (so a truncated episode can bootstrap from it), else the next one.
+    `valid[t]` is False for a NEXT_STEP env's reset step: the env ignores the action taken on
+    the step after an episode ends, so that step is no transition to learn from.
+    """
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminations: np.ndarray
+    truncations: np.ndarray
+    next_obs: np.ndarray
+    valid: np.ndarray
+
+    @classmethod
+    def empty(cls, num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space) -> "Rollout":
+        steps = (num_steps, num_envs)
+        actions = (np.zeros(steps, np.int64) if isinstance(action_space, gym.spaces.Discrete)
+                   else np.zeros(steps + action_space.shape, np.float32))
+        return cls(obs=np.zeros(steps + (obs_dim,), np.float32), actions=actions,
+                   rewards=np.zeros(steps, np.float32), terminations=np.zeros(steps, bool),
+                   truncations=np.zeros(steps, bool), next_obs=np.zeros(steps + (obs_dim,), np.float32),
+                   valid=np.ones(steps, bool))
+
+
+def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done: np.ndarray,
+                    on_episode=None) -> tuple[np.ndarray, np.ndarray]:
+    """Fill `rollout` with n steps of `policy` (observations -> actions) in `envs`, from `obs`.
+
+    `after_done[i]` says env i ended an episode on the step before (in NEXT_STEP mode the
+    next step is then a reset step). Returns the (obs, after_done) to continue from.
+    Box actions are stored as sampled and clipped to the space only for the env.
+    """
+    next_step_mode = envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    space = envs.single_action_space
+    bounds = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
+    for t in range(rollout.obs.shape[0]):
+        rollout.obs[t] = obs
+        action = policy(rollout.obs[t])
+        rollout.actions[t] = action
+
+        obs, reward, terminated, truncated, info = envs.step(action if bounds is None else np.clip(action, *bounds))
+        rollout.rewards[t] = reward
+        rollout.terminations[t] = terminated
+        rollout.truncations[t] = truncated
+        rollout.next_obs[t] = obs
+        if not next_step_mode and "_final_obs" in info:
+            # SAME_STEP: `obs` is already the first observation of the next episode.
+            ended = info["_final_obs"]
+            rollout.next_obs[t, ended] = np.stack(info["final_obs"][ended])
+        if on_episode is not None and "_episode" in info:
+            ended = info["_episode"]
+            on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
+
+    dones = rollout.terminations | rollout.truncations
+    if next_step_mode:  # the step after an episode's end is a reset step
+        rollout.valid[0] = ~after_done
+        rollout.valid[1:] = ~dones[:-1]
+    return obs, dones[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: n-step returns, advantages and the loss terms, as pure functions
+# ---------------------------------------------------------------------------------------------
+
+def n_step_returns(rewards: np.ndarray, next_values: np.ndarray, terminations: np.ndarray,
+                   truncations: np.ndarray, gamma: float) -> np.ndarray:
+    """R_t = r_t + γ(1-term_t)·B_t, B_t = V(s_{t+1}) if the episode ended at t or t = n-1, else R_{t+1}.
+
+    Arrays (n, N). `next_values[t]` is V of the state step t led to (the final observation
+    when the episode ended at t). So R_t sums the rewards up to the episode's end or the
+    rollout's, whichever comes first, and bootstraps there from V(s_{t+k}) unless the episode
+    terminated: a truncated episode (time limit) is bootstrapped, a terminated one is not.
+    """
+    returns = np.zeros_like(rewards)
+    following = next_values[-1]
+    for t in reversed(range(len(rewards))):
+        ended = terminations[t] | truncations[t]
+        bootstrap = np.where(ended, next_values[t], following)
+        following = returns[t] = rewards[t] + gamma * (1.0 - terminations[t]) * bootstrap
+    return returns
+
+
+def advantages(returns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A_t = R_t - V(s_t), as a constant: the actor's loss must not move the critic."""
+    return (returns - values).detach()
+
+
+def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(A - mean A) / (std A + ε), over one batch."""
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def actor_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """L^A = -E_t[log π_θ(a_t|s_t) A_t]."""
+    return -(log_probs * advantages).mean()
+
+
+def critic_loss(values: torch.Tensor, returns: torch.Tensor, kind: str = "huber") -> torch.Tensor:
+    """L^C = E_t[Huber_1(R_t - V(s_t))] (½x² for |x| ≤ 1, |x| - ½ beyond), or E_t[(R_t - V(s_t))²]."""
+    if kind == "huber":
+        return F.huber_loss(values, returns, delta=1.0)
+    return F.mse_loss(values, returns)
+
+
+def a2c_loss(actor: torch.Tensor, critic: torch.Tensor, entropy: torch.Tensor, vf_coef: float,
+             ent_coef: float) -> torch.Tensor:
+    """L = L^A + c_v L^C - c_e H: descend the critic's error, ascend the entropy (the seed's L^A - L^C - L^S flips both)."""
+    return actor + vf_coef * critic - ent_coef * entropy
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant (nan if Var[R]=0)."""
+    var_targets = targets.var()
+    return float("nan") if var_targets == 0 else float(1 - (targets - predictions).var() / var_targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def space_signature(envs) -> dict:
+    action_space = envs.single_action_space
+    return {"obs_dim": envs.single_observation_space.shape[0],
+            "action_type": type(action_space).__name__,
+            "action_dim": int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else action_space.shape[0]}
+
+
+def save_checkpoint(path: str, args: Args, global_step: int, agent: ActorCritic, optimizer, envs) -> None:
+    # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
+    torch.save({"script": SCRIPT, "args": asdict(args), "global_step": global_step, "model": agent.state_dict(),
+                "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
+                # Kept for the contract all four scripts share: this script normalises nothing.
+                "obs_rms": None}, path)
+
+
+def load_checkpoint(path: str, env_id: str, envs) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torch.load of a foreign file can raise almost anything
+        raise UserError(f"{path} is not a checkpoint this script can read ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
+        raise UserError(f"{path} was written by {writer}, not {SCRIPT}")
+    if ckpt["spaces"] != space_signature(envs):
+        raise UserError(f"{path} was trained on {ckpt['args']['env_id']}, whose spaces differ from {env_id}'s: "
+                        f"pass --env-id {ckpt['args']['env_id']}")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def select_device(args: Args) -> torch.device:
+    if args.cuda and not torch.cuda.is_available():
+        print(f"{SCRIPT}: warning: --cuda given but no GPU is available; running on the CPU", file=sys.stderr)
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(args: Args) -> None:
+    # One thread is fastest for 64-unit MLPs, and keeps a run's numbers independent of core count.
+    torch.set_num_threads(1)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+
+class StatusLine:
+    """Progress every few seconds on one line (a new line each time when not a terminal)."""
+
+    def __init__(self, total: int, every: float = 3.0):
+        self.total, self.every = total, every
+        self.start = self.last = time.time()
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, recent_returns, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        sps = step / max(now - self.start, 1e-9)
+        mean = f"{np.mean(recent_returns):9.2f}" if len(recent_returns) else "      n/a"
+        left = max(self.total - step, 0) / max(sps, 1e-9)
+        line = (f"step {step:>{len(str(self.total))}}/{self.total}  SPS {sps:7.0f}  "
+                f"return (last {len(recent_returns):3d}) {mean}  left {left:5.0f}s")
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print()
+
+
+# Losses are logged every this many updates: A2C updates every n·N steps, and a TensorBoard
+# write plus a `.item()` per update would cost as much as the update itself.
+LOG_EVERY = 100
+
+
+def train(args: Args) -> None:
+    check_args(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device = select_device(args)
+    seed_everything(args)
+
+    envs = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
+    obs_dim = envs.single_observation_space.shape[0]
+    agent = ActorCritic(obs_dim, envs.single_action_space).to(device)
+    fused = device.type in ("cpu", "cuda")
+    if args.optimizer == "rmsprop":
+        optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=0.99, eps=1e-5)
+    else:
+        optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=fused)
+
+    from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    batch_size = args.num_envs * args.num_steps
+    num_updates = args.total_timesteps // batch_size
+    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_dim, envs.single_action_space)
+    rng = np.random.default_rng(args.seed)
+    global_step = 0
+    status = StatusLine(num_updates * batch_size)
+
+    def on_episode(returns, lengths):
+        for r, l in zip(returns, lengths):
+            writer.add_scalar("charts/episodic_return", r, global_step)
+            writer.add_scalar("charts/episodic_length", l, global_step)
+
+    def save(reason: str) -> None:
+        if args.save_model:
+            path = f"runs/{run_name}/model.pt"
+            save_checkpoint(path, args, global_step, agent, optimizer, envs)
+            print(f"{SCRIPT}: model saved to {path} ({reason})")
+
+    obs, _ = envs.reset(seed=args.seed)
+    after_done = np.zeros(args.num_envs, bool)
+    start_time = time.time()
+    try:
+        for update in range(1, num_updates + 1):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.learning_rate
+
+            # 1. The N actors take n steps with the current parameters.
+            obs, after_done = collect_rollout(envs, NumpyPolicy(agent, rng), rollout, obs, after_done, on_episode)
+            global_step += batch_size
+
+            # 2. n-step returns R_t, bootstrapped from V(s_{t+n}) (or V(final obs) at a truncation).
+            with torch.inference_mode():
+                next_values = agent.get_value(torch.from_numpy(rollout.next_obs).to(device)).cpu().numpy()
+            returns = n_step_returns(rollout.rewards, next_values, rollout.terminations, rollout.truncations,
+                                     args.gamma)
+
+            # 3. One gradient step on L = L^A + c_v L^C - c_e H over the batch's real transitions.
+            valid = rollout.valid.reshape(-1)
+            b_obs = torch.from_numpy(rollout.obs.reshape((-1, obs_dim))[valid]).to(device)
+            b_actions = torch.from_numpy(rollout.actions.reshape((batch_size,) + rollout.actions.shape[2:])[valid])
+            b_returns = torch.from_numpy(returns.reshape(-1)[valid]).to(device)
+            _, log_probs, entropy, values = agent.get_action_and_value(b_obs, b_actions.to(device))
+            b_advantages = advantages(b_returns, values)
+            if args.norm_adv:
+                b_advantages = normalize_advantages(b_advantages)
+            pg_loss = actor_loss(log_probs, b_advantages)
+            v_loss = critic_loss(values, b_returns, args.vf_loss)
+            entropy_loss = entropy.mean()
+            loss = a2c_loss(pg_loss, v_loss, entropy_loss, args.vf_coef, args.ent_coef)
+
+            optimizer.zero_grad()
+            loss.backward()
+            # Raises before the step on a NaN/inf gradient, so the weights stay finite.
+            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, error_if_nonfinite=True)
+            optimizer.step()
+
+            if update % LOG_EVERY == 0 or update == num_updates:
+                writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+                writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+                writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+                writer.add_scalar("losses/explained_variance", explained_variance(values.detach(), b_returns),
+                                  global_step)
+                writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+                status.update(global_step, envs.return_queue)
+        status.update(global_step, envs.return_queue, force=True)
+        status.close()
+        save("end of training")
+    except KeyboardInterrupt:
+        status.close()
+        print(f"{SCRIPT}: interrupted at step {global_step}")
+        save("interrupted")
+        writer.close()
+        envs.close()
+        sys.exit(130)
+    except RuntimeError as e:
+        if "non-finite" not in str(e):
+            raise
+        status.close()
+        save("non-finite gradient")
+        writer.close()
+        envs.close()
+        print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
+              "stopped before applying it", file=sys.stderr)
+        sys.exit(1)
+    writer.close()
+    envs.close()
+
+
+def evaluate(args: Args) -> None:
+    """Run the deterministic policy of a saved model for `eval_episodes` episodes; train nothing."""
+    check_args(args)
+    device = select_device(args)
+    seed_everything(args)
+    # One env per episode, so short episodes are not over-represented in the mean.
+    envs = make_envs(args.env_id, args.eval_episodes, args.seed)
+    ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
+    agent = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
+    agent.load_state_dict(ckpt["model"])
+    space = envs.single_action_space
+
+    returns = np.full(args.eval_episodes, np.nan)
+    obs, _ = envs.reset(seed=args.seed)
+    with torch.inference_mode():
+        while np.isnan(returns).any():
+            action = agent.act_deterministic(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            if isinstance(space, gym.spaces.Box):
+                action = np.clip(action, space.low, space.high)
+            obs, _, _, _, info = envs.step(action)
+            if "_episode" in info:
+                first = info["_episode"] & np.isnan(returns)
+                returns[first] = info["episode"]["r"][first]
+    envs.close()
+
+    from torch.utils.tensorboard import SummaryWriter
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    for i, r in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", r, i)
+    writer.close()
+    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
+          f"return {returns.mean():.2f} ± {returns.std():.2f}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    try:
+        evaluate(args) if args.eval_checkpoint else train(args)
+    except UserError as e:
+        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
+        print(f"{SCRIPT}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,288 @@
+"""Tests of a2c.py: n-step returns and each loss term against numbers worked out by hand, the
+signs of the combined loss, the rollout's episode boundaries, and the script end to end."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import a2c
+from conftest import interrupt_script, read_tags, run_main, run_script
+
+
+def cols(rows, dtype=np.float32):
+    """Hand-written per-env rows -> an (n, N) array."""
+    return np.array(rows, dtype=dtype).T
+
+
+# ---------------------------------------------------------------------------------------------
+# n-step returns
+# ---------------------------------------------------------------------------------------------
+
+def test_n_step_returns_with_termination_and_truncation():
+    # n = 4, N = 2, γ = 0.9. Env 0 terminates at t=1 (the final state's value 9.0 is unused);
+    # env 1 is truncated at t=2 and bootstraps from V(final obs) = 5.0. After the rollout
+    # the returns bootstrap from V(s_4): 0.8 for env 0, 2.0 for env 1.
+    rewards = cols([[1, 1, 1, 1], [0, 2, 0, 1]])
+    next_values = cols([[0.5, 9.0, 0.4, 0.8], [1.0, 3.0, 5.0, 2.0]])
+    terminations = cols([[0, 1, 0, 0], [0, 0, 0, 0]], bool)
+    truncations = cols([[0, 0, 0, 0], [0, 0, 1, 0]], bool)
+    returns = a2c.n_step_returns(rewards, next_values, terminations, truncations, 0.9)
+    # Env 0: R3 = 1 + 0.9·0.8 = 1.72; R2 = 1 + 0.9·1.72 = 2.548; R1 = 1 (terminal);
+    #        R0 = 1 + 0.9·1 = 1.9 (V(s_1) = 0.5 is not used: the rollout continues)
+    # Env 1: R3 = 1 + 0.9·2 = 2.8; R2 = 0 + 0.9·5 = 4.5 (truncated: bootstrapped, and R3 is
+    #        the next episode's, not chained); R1 = 2 + 0.9·4.5 = 6.05; R0 = 0.9·6.05 = 5.445
+    np.testing.assert_allclose(returns, cols([[1.9, 1, 2.548, 1.72], [5.445, 6.05, 4.5, 2.8]]), rtol=1e-6)
+
+
+def test_n_step_return_of_one_step_is_the_td_target():
+    # n = 1: R_0 = r_0 + γ V(s_1) = 1 + 0.5·4 = 3, the seed's r + γV(s').
+    r = a2c.n_step_returns(np.array([[1.0]], np.float32), np.array([[4.0]], np.float32),
+                           np.array([[False]]), np.array([[False]]), 0.5)
+    assert r[0, 0] == pytest.approx(3.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss terms
+# ---------------------------------------------------------------------------------------------
+
+def test_advantages_are_constants():
+    values = torch.tensor([1.0, 2.0], requires_grad=True)
+    adv = a2c.advantages(torch.tensor([3.0, 1.0]), values)
+    torch.testing.assert_close(adv, torch.tensor([2.0, -1.0]))
+    assert not adv.requires_grad
+
+
+def test_normalize_advantages():
+    # mean 2, sample std 1 → (-1, 0, 1)
+    torch.testing.assert_close(a2c.normalize_advantages(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_actor_loss():
+    # -mean(log π · A) = -mean((-1)(2), (-2)(1)) = -(-2) = 2
+    assert a2c.actor_loss(torch.tensor([-1.0, -2.0]), torch.tensor([2.0, 1.0])).item() == pytest.approx(2.0)
+
+
+def test_critic_loss_huber_and_mse():
+    values = torch.zeros(3)
+    returns = torch.tensor([0.5, 2.0, -3.0])
+    # Huber (δ = 1): ½·0.25 = 0.125; 2 - ½ = 1.5; 3 - ½ = 2.5 → mean 4.125/3 = 1.375
+    assert a2c.critic_loss(values, returns, "huber").item() == pytest.approx(1.375)
+    # squared error: (0.25 + 4 + 9)/3 = 4.416667
+    assert a2c.critic_loss(values, returns, "mse").item() == pytest.approx(13.25 / 3)
+
+
+def test_a2c_loss_combines_with_the_right_signs():
+    # 2 + 0.5·1.375 - 0.01·0.6 = 2.6815
+    loss = a2c.a2c_loss(torch.tensor(2.0), torch.tensor(1.375), torch.tensor(0.6), vf_coef=0.5, ent_coef=0.01)
+    assert loss.item() == pytest.approx(2.6815)
+
+
+def step_on_combined_loss(vf_coef, ent_coef):
+    """One SGD step on L with zero advantages; returns (critic error, entropy) before and after."""
+    torch.manual_seed(0)
+    agent = a2c.ActorCritic(3, gym.spaces.Discrete(2))
+    with torch.no_grad():
+        agent.actor.bias.copy_(torch.tensor([2.0, -2.0]))  # a confident policy, far from uniform
+    obs = torch.randn(8, 3)
+    actions = torch.zeros(8, dtype=torch.long)
+    returns = torch.full((8,), 3.0)
+    opt = torch.optim.SGD(agent.parameters(), lr=0.05)
+
+    def measure():
+        _, logp, ent, values = agent.get_action_and_value(obs, actions)
+        return logp, ent, values
+
+    logp, ent, values = measure()
+    error_before, entropy_before = ((returns - values) ** 2).mean().item(), ent.mean().item()
+    loss = a2c.a2c_loss(a2c.actor_loss(logp, torch.zeros(8)), a2c.critic_loss(values, returns), ent.mean(),
+                        vf_coef, ent_coef)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    _, ent, values = measure()
+    return error_before, ((returns - values) ** 2).mean().item(), entropy_before, ent.mean().item()
+
+
+def test_a_step_on_the_combined_loss_lowers_the_critic_error_and_raises_the_entropy():
+    e0, e1, _, _ = step_on_combined_loss(vf_coef=0.5, ent_coef=0.0)
+    assert e1 < e0
+    _, _, h0, h1 = step_on_combined_loss(vf_coef=0.0, ent_coef=1.0)
+    assert h1 > h0
+    e0, e1, h0, h1 = step_on_combined_loss(vf_coef=0.5, ent_coef=0.5)
+    assert e1 < e0 and h1 > h0
+
+
+def test_gaussian_log_prob_and_entropy():
+    # dim 1: a = 1, μ = 0, σ = 1 → -0.5 - 0.9189385; dim 2: a = μ, σ = 2 → -ln 2 - 0.9189385
+    log_std = torch.tensor([0.0, float(np.log(2.0))])
+    lp = a2c.gaussian_log_prob(torch.tensor([[1.0, 0.5]]), torch.tensor([[0.0, 0.5]]), log_std)
+    assert lp.item() == pytest.approx(-3.0310242)
+    assert a2c.gaussian_entropy(log_std).item() == pytest.approx(3.5310242)  # 2·1.4189385 + ln 2
+
+
+def test_numpy_policy_matches_the_network():
+    agent = a2c.ActorCritic(4, gym.spaces.Discrete(3))
+    obs = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    logits = a2c.NumpyPolicy(agent, np.random.default_rng(0)).forward(obs)
+    np.testing.assert_allclose(logits, agent.actor(agent.body(torch.from_numpy(obs))).detach().numpy(), atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout: what a real Gymnasium vector env hands back at episode boundaries
+# ---------------------------------------------------------------------------------------------
+
+class Counter(gym.Env):
+    """obs = [steps taken this episode]; reward = that count after the step; ends at `terminate_at`."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def __init__(self, terminate_at=100):
+        self.terminate_at = terminate_at
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.n += 1
+        return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
+
+
+def counter_envs(mode):
+    return gym.vector.SyncVectorEnv(
+        [lambda: Counter(terminate_at=3), lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2)],
+        autoreset_mode=mode)
+
+
+@pytest.mark.parametrize("mode", [AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP])
+def test_rollout_returns_stop_at_episode_ends(mode):
+    # V(s) = the observation (steps taken), so every bootstrap value can be read off.
+    envs = counter_envs(mode)
+    rollout = a2c.Rollout.empty(4, 2, 1, envs.single_action_space)
+    obs, _ = envs.reset(seed=0)
+    a2c.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs, np.zeros(2, bool))
+    returns = a2c.n_step_returns(rollout.rewards, rollout.next_obs[..., 0], rollout.terminations,
+                                 rollout.truncations, 0.5)
+    if mode == AutoresetMode.SAME_STEP:
+        # env 0: 0→1 (r 1), 1→2 (r 2), 2→3 (r 3, terminated), 0→1 (r 1, then V = 1)
+        #   R3 = 1 + 0.5·1 = 1.5; R2 = 3; R1 = 2 + 1.5 = 3.5; R0 = 1 + 1.75 = 2.75
+        # env 1: 0→1 (r 1), 1→2 (r 2, truncated: V(final) = 2), 0→1, 1→2 (truncated, V = 2)
+        #   R3 = 2 + 1 = 3; R2 = 1 + 1.5 = 2.5; R1 = 2 + 0.5·2 = 3; R0 = 1 + 1.5 = 2.5
+        np.testing.assert_allclose(returns, cols([[2.75, 3.5, 3, 1.5], [2.5, 3, 2.5, 3]]))
+        assert rollout.valid.all()
+    else:
+        # env 0: as above, but t=3 is the reset step (obs 3 → 0, r 0): invalid
+        #   R2 = 3; R1 = 3.5; R0 = 2.75
+        # env 1: 0→1, 1→2 (truncated; final obs 2 → V = 2), reset step, 0→1 (then V = 1)
+        #   R1 = 2 + 0.5·2 = 3; R0 = 2.5; R3 = 1 + 0.5·1 = 1.5
+        assert rollout.valid.T.tolist() == [[True, True, True, False], [True, True, False, True]]
+        np.testing.assert_allclose(returns[:3, 0], [2.75, 3.5, 3])
+        np.testing.assert_allclose(returns[[0, 1, 3], 1], [2.5, 3, 1.5])
+
+
+# ---------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------
+
+SMALL = ["--total-timesteps", "4096", "--num-envs", "4"]  # 64 updates of 4 envs x 16 steps
+TAGS = {"charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+        "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/explained_variance"}
+
+
+@pytest.mark.parametrize("env_id", ["CartPole-v1", "Pendulum-v1"])  # Discrete (NEXT_STEP), Box (SAME_STEP)
+def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
+    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith(f"{env_id}__a2c__1__")
+    tags, texts = read_tags(run)
+    assert TAGS <= set(tags)
+    assert "|vf_loss|huber|" in texts["hyperparameters/text_summary"]
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["script"] == "a2c.py" and ckpt["global_step"] == 4096
+
+    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+                   "--eval-episodes", "2")
+    assert out.returncode == 0, out.stderr
+    assert "eval: 2 episodes" in out.stdout
+
+
+def test_adam_and_mse_run(tmp_path, capsys):
+    out = run_main(a2c, tmp_path, capsys, *SMALL, "--optimizer", "adam", "--vf-loss", "mse")
+    assert out.returncode == 0, out.stderr
+
+
+def test_same_seed_same_returns(tmp_path):
+    returns = []
+    for i in range(2):
+        out = run_script("a2c.py", tmp_path / str(i), *SMALL, "--seed", "5")
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / str(i) / "runs").iterdir()
+        returns.append(read_tags(run)[0]["charts/episodic_return"])
+    assert len(returns[0]) > 10
+    assert returns[0] == returns[1]
+
+
+def one_line_error(out, *fragments):
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert "Traceback" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("a2c.py: error: "), out.stderr
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
+    (["--num-steps", "0"], ["--num-steps must be positive"]),
+    (["--num-envs", "-1"], ["--num-envs must be positive"]),
+    (["--total-timesteps", "10"], ["less than one update"]),
+    (["--eval-checkpoint", "missing.pt"], ["no checkpoint at missing.pt"]),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
+    one_line_error(run_main(a2c, tmp_path, capsys, *argv), *fragments)
+
+
+def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
+    one_line_error(run_script("a2c.py", tmp_path, "--env-id", "NoSuchEnv-v0"), "unknown env id")
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    foreign = tmp_path / "reinforce.pt"
+    torch.save({"script": "reinforce.py", "model": {}}, foreign)
+    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "written by reinforce.py")
+    out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    one_line_error(run_main(a2c, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
+                            str(run / "model.pt")), "trained on CartPole-v1", "--env-id CartPole-v1")
+
+
+def test_ctrl_c_saves_model_and_logs(tmp_path):
+    out = interrupt_script("a2c.py", tmp_path, "--total-timesteps", "100000000", "--save-model")
+    assert out.returncode == 130, out.stderr
+    assert "Traceback" not in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert (run / "model.pt").exists()
+
+
+def test_non_finite_loss_stops_and_saves(tmp_path, capsys, monkeypatch):
+    # The third update's loss is NaN (a softmax policy saturates rather than overflow, so no
+    # learning rate reliably produces one).
+    calls, real_loss = [], a2c.a2c_loss
+
+    def loss_nan_on_third_call(*args, **kwargs):
+        calls.append(1)
+        return real_loss(*args, **kwargs) * (float("nan") if len(calls) == 3 else 1.0)
+
+    monkeypatch.setattr(a2c, "a2c_loss", loss_nan_on_third_call)
+    out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 1, out.stderr
+    assert len(calls) == 3 and "NaN or infinite at step 192" in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    model = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
