@@ -8,7 +8,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import interrupt_script, read_tags, run_main, run_script
+from conftest import Counter, interrupt_script, one_line_error, read_tags, run_main, run_script
 
 
 def cols(rows, dtype=np.float32):
@@ -133,25 +133,6 @@ def test_numpy_policy_matches_the_network():
 # The rollout: what a real Gymnasium vector env hands back at episode boundaries
 # ---------------------------------------------------------------------------------------------
 
-class Counter(gym.Env):
-    """obs = [steps taken this episode]; reward = that count after the step; ends at `terminate_at`."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def __init__(self, terminate_at=100):
-        self.terminate_at = terminate_at
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.n = 0
-        return np.array([0.0], np.float32), {}
-
-    def step(self, action):
-        self.n += 1
-        return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
-
-
 def counter_envs(mode):
     return gym.vector.SyncVectorEnv(
         [lambda: Counter(terminate_at=3), lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2)],
@@ -227,15 +208,6 @@ def test_same_seed_same_returns(tmp_path):
     assert returns[0] == returns[1]
 
 
-def one_line_error(out, *fragments):
-    assert out.returncode == 2, (out.returncode, out.stderr)
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("a2c.py: error: "), out.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("argv, fragments", [
     (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
     (["--num-steps", "0"], ["--num-steps must be positive"]),
@@ -244,22 +216,22 @@ def one_line_error(out, *fragments):
     (["--eval-checkpoint", "missing.pt"], ["no checkpoint at missing.pt"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
-    one_line_error(run_main(a2c, tmp_path, capsys, *argv), *fragments)
+    one_line_error(run_main(a2c, tmp_path, capsys, *argv), "a2c.py", *fragments)
 
 
 def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
-    one_line_error(run_script("a2c.py", tmp_path, "--env-id", "NoSuchEnv-v0"), "unknown env id")
+    one_line_error(run_script("a2c.py", tmp_path, "--env-id", "NoSuchEnv-v0"), "a2c.py", "unknown env id")
 
 
 def test_checkpoint_errors(tmp_path, capsys):
     foreign = tmp_path / "reinforce.pt"
     torch.save({"script": "reinforce.py", "model": {}}, foreign)
-    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "written by reinforce.py")
+    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "a2c.py", "written by reinforce.py")
     out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(a2c, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
-                            str(run / "model.pt")), "trained on CartPole-v1", "--env-id CartPole-v1")
+                            str(run / "model.pt")), "a2c.py", "trained on CartPole-v1", "--env-id CartPole-v1")
 
 
 def test_ctrl_c_saves_model_and_logs(tmp_path):

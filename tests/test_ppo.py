@@ -10,7 +10,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import interrupt_script, read_tags, run_main, run_script
+from conftest import Counter, interrupt_script, one_line_error, read_tags, run_main, run_script
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -93,25 +93,6 @@ def test_gae_with_lambda_one_and_no_boundary_is_the_discounted_return_minus_valu
 # ---------------------------------------------------------------------------------------------
 # The rollout: what a real Gymnasium vector env hands back at episode boundaries
 # ---------------------------------------------------------------------------------------------
-
-class Counter(gym.Env):
-    """obs = [steps taken this episode]; reward = that count after the step; ends at `terminate_at`."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def __init__(self, terminate_at=100):
-        self.terminate_at = terminate_at
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.n = 0
-        return np.array([0.0], np.float32), {}
-
-    def step(self, action):
-        self.n += 1
-        return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
-
 
 def counter_envs(mode):
     # Env 0 terminates after 3 steps; env 1 is cut by a time limit after 2.
@@ -296,15 +277,6 @@ def test_same_seed_same_returns(tmp_path):
     assert returns[0] == returns[1]
 
 
-def one_line_error(out, *fragments):
-    assert out.returncode == 2, (out.returncode, out.stderr)
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("ppo.py: error: "), out.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("argv, fragments", [
     (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
     (["--env-id", "Pendulum-v1"], ["Box", "ppo_continuous.py"]),
@@ -315,26 +287,26 @@ def one_line_error(out, *fragments):
     (["--eval-checkpoint", "no/such/model.pt"], ["no checkpoint at no/such/model.pt"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
-    one_line_error(run_main(ppo, tmp_path, capsys, *argv), *fragments)
+    one_line_error(run_main(ppo, tmp_path, capsys, *argv), "ppo.py", *fragments)
 
 
 def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
-    one_line_error(run_script("ppo.py", tmp_path, "--env-id", "Pendulum-v1"), "ppo_continuous.py")
+    one_line_error(run_script("ppo.py", tmp_path, "--env-id", "Pendulum-v1"), "ppo.py", "ppo_continuous.py")
 
 
 def test_checkpoint_errors(tmp_path, capsys):
     foreign = tmp_path / "a2c.pt"
     torch.save({"script": "a2c.py", "model": {}}, foreign)
-    one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "written by a2c.py")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "ppo.py", "written by a2c.py")
     garbage = tmp_path / "notes.pt"
     garbage.write_text("not a checkpoint")
-    one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(garbage)), "not a checkpoint")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(garbage)), "ppo.py", "not a checkpoint")
 
     out = run_main(ppo, tmp_path, capsys, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(ppo, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
-                            str(run / "model.pt")), "trained on CartPole-v1", "--env-id CartPole-v1")
+                            str(run / "model.pt")), "ppo.py", "trained on CartPole-v1", "--env-id CartPole-v1")
 
 
 def test_capture_video_without_moviepy(tmp_path, capsys):
@@ -343,7 +315,7 @@ def test_capture_video_without_moviepy(tmp_path, capsys):
         pytest.skip("moviepy is installed")
     except ImportError:
         pass
-    one_line_error(run_main(ppo, tmp_path, capsys, *SMALL, "--capture-video"), "moviepy")
+    one_line_error(run_main(ppo, tmp_path, capsys, *SMALL, "--capture-video"), "ppo.py", "moviepy")
 
 
 def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(tmp_path, capsys):

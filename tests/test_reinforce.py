@@ -10,7 +10,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import reinforce
-from conftest import interrupt_script, read_tags, run_main, run_script
+from conftest import Counter, interrupt_script, one_line_error, read_tags, run_main, run_script
 
 
 def cols(rows, dtype=np.float32):
@@ -114,25 +114,6 @@ def test_numpy_policy_matches_the_network_and_samples_the_gaussian():
 # Batches of complete episodes from a real Gymnasium vector env
 # ---------------------------------------------------------------------------------------------
 
-class Counter(gym.Env):
-    """obs = [steps taken this episode]; reward = that count after the step; ends at `terminate_at`."""
-
-    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
-    action_space = gym.spaces.Discrete(2)
-
-    def __init__(self, terminate_at=100):
-        self.terminate_at = terminate_at
-
-    def reset(self, seed=None, options=None):
-        super().reset(seed=seed)
-        self.n = 0
-        return np.array([0.0], np.float32), {}
-
-    def step(self, action):
-        self.n += 1
-        return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
-
-
 def counter_envs(mode):
     # Env 0 terminates after 3 steps; env 1 is cut by a time limit after 2.
     return gym.vector.SyncVectorEnv(
@@ -233,15 +214,6 @@ def test_same_seed_same_returns(tmp_path):
     assert returns[0] == returns[1]
 
 
-def one_line_error(out, *fragments):
-    assert out.returncode == 2, (out.returncode, out.stderr)
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("reinforce.py: error: "), out.stderr
-    for f in fragments:
-        assert f in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("argv, fragments", [
     (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
     (["--num-envs", "4", "--episodes-per-update", "6"], ["not a multiple of --num-envs 4"]),
@@ -250,22 +222,22 @@ def one_line_error(out, *fragments):
     (["--eval-checkpoint", "missing.pt"], ["no checkpoint at missing.pt"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
-    one_line_error(run_main(reinforce, tmp_path, capsys, *argv), *fragments)
+    one_line_error(run_main(reinforce, tmp_path, capsys, *argv), "reinforce.py", *fragments)
 
 
 def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
-    one_line_error(run_script("reinforce.py", tmp_path, "--env-id", "NoSuchEnv-v0"), "unknown env id")
+    one_line_error(run_script("reinforce.py", tmp_path, "--env-id", "NoSuchEnv-v0"), "reinforce.py", "unknown env id")
 
 
 def test_checkpoint_errors(tmp_path, capsys):
     foreign = tmp_path / "ppo.pt"
     torch.save({"script": "ppo.py", "model": {}}, foreign)
-    one_line_error(run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "written by ppo.py")
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "reinforce.py", "written by ppo.py")
     out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(reinforce, tmp_path, capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint",
-                            str(run / "model.pt")), "trained on CartPole-v1", "--env-id CartPole-v1")
+                            str(run / "model.pt")), "reinforce.py", "trained on CartPole-v1", "--env-id CartPole-v1")
 
 
 def test_ctrl_c_saves_model_and_logs(tmp_path):
