@@ -69,6 +69,10 @@ class Args:
     """the discount factor gamma"""
     norm_adv: bool = True
     """toggles normalising the advantages over each batch (mean 0, std 1)"""
+    norm_obs: bool = True
+    """toggles standardising observations by their running mean and variance (saved with the model)"""
+    norm_reward: bool = True
+    """toggles dividing rewards by the running std of the discounted return"""
     optimizer: Literal["rmsprop", "adam"] = "rmsprop"
     """RMSprop (alpha 0.99, eps 1e-5) as in the A2C/A3C paper, or Adam (eps 1e-5)"""
     vf_loss: Literal["huber", "mse"] = "huber"
@@ -117,7 +121,8 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
     """N copies of `env_id` stepping together, with episode statistics recorded.
 
     The env's own vectorised implementation is used where it has one (CartPole's steps all
-    envs in one numpy call); it autoresets NEXT_STEP. Otherwise a SyncVectorEnv, SAME_STEP.
+    envs in one numpy call), otherwise a SyncVectorEnv; both autoreset NEXT_STEP, which
+    Gymnasium's vector-level normalisation wrappers (`add_normalization`) require.
     """
     try:
         spec = gym.spec(env_id)
@@ -135,7 +140,7 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
                     return gym.make(env_id)
                 return make
             envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)],
-                                            autoreset_mode=AutoresetMode.SAME_STEP)
+                                            autoreset_mode=AutoresetMode.NEXT_STEP)
     except gym.error.Error as e:
         raise UserError(f"cannot make {env_id!r}: {e}") from None
     action_space = envs.single_action_space
@@ -150,6 +155,41 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
     envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
     envs.action_space.seed(seed)
     return envs
+
+
+def add_normalization(envs, norm_obs: bool, norm_reward: bool, gamma: float):
+    """Wrap `envs` so observations are standardised by their running mean and variance over all
+    envs, and rewards divided by the running std of the discounted return (Gymnasium's vector
+    wrappers, as SB3's VecNormalize). Returns (envs, the observation wrapper, the reward wrapper).
+
+    With a shared body, unscaled inputs and returns let the critic's error swamp the policy:
+    without these, A2C does not learn Acrobot (measured: -500 after 500k steps in every seed).
+    The final observation of an episode passes through the same wrapper as every other, so a
+    truncation's bootstrap value sees it normalised alike.
+    """
+    obs_norm = reward_norm = None
+    if norm_obs:
+        envs = obs_norm = gym.wrappers.vector.NormalizeObservation(envs)
+    if norm_reward:
+        envs = reward_norm = gym.wrappers.vector.NormalizeReward(envs, gamma=gamma)
+    return envs, obs_norm, reward_norm
+
+
+def frozen_obs_normalization(envs, stats: dict):
+    """`envs` with observations standardised by saved statistics that no longer update."""
+    envs, obs_norm, _ = add_normalization(envs, True, False, 1.0)
+    obs_norm.obs_rms.mean = stats["mean"].numpy()
+    obs_norm.obs_rms.var = stats["var"].numpy()
+    obs_norm.obs_rms.count = stats["count"]
+    obs_norm.update_running_mean = False
+    return envs
+
+
+def running_stats(rms) -> Optional[dict]:
+    """A RunningMeanStd as plain tensors and a float, for a weights_only checkpoint."""
+    if rms is None:
+        return None
+    return {"mean": torch.as_tensor(rms.mean), "var": torch.as_tensor(rms.var), "count": float(rms.count)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,12 +418,13 @@ def space_signature(envs) -> dict:
             "action_dim": int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else action_space.shape[0]}
 
 
-def save_checkpoint(path: str, args: Args, global_step: int, agent: ActorCritic, optimizer, envs) -> None:
+def save_checkpoint(path: str, args: Args, global_step: int, agent: ActorCritic, optimizer, envs,
+                    obs_norm, reward_norm) -> None:
     # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
     torch.save({"script": SCRIPT, "args": asdict(args), "global_step": global_step, "model": agent.state_dict(),
                 "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
-                # Kept for the contract all four scripts share: this script normalises nothing.
-                "obs_rms": None}, path)
+                "obs_rms": running_stats(obs_norm and obs_norm.obs_rms),
+                "return_rms": running_stats(reward_norm and reward_norm.return_rms)}, path)
 
 
 def load_checkpoint(path: str, env_id: str, envs) -> dict:
@@ -457,7 +498,8 @@ def train(args: Args) -> None:
     device = select_device(args)
     seed_everything(args)
 
-    envs = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
+    episode_stats = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
+    envs, obs_norm, reward_norm = add_normalization(episode_stats, args.norm_obs, args.norm_reward, args.gamma)
     obs_dim = envs.single_observation_space.shape[0]
     agent = ActorCritic(obs_dim, envs.single_action_space).to(device)
     fused = device.type in ("cpu", "cuda")
@@ -486,7 +528,7 @@ def train(args: Args) -> None:
     def save(reason: str) -> None:
         if args.save_model:
             path = f"runs/{run_name}/model.pt"
-            save_checkpoint(path, args, global_step, agent, optimizer, envs)
+            save_checkpoint(path, args, global_step, agent, optimizer, envs, obs_norm, reward_norm)
             print(f"{SCRIPT}: model saved to {path} ({reason})")
 
     obs, _ = envs.reset(seed=args.seed)
@@ -535,8 +577,8 @@ def train(args: Args) -> None:
                 writer.add_scalar("losses/explained_variance", explained_variance(values.detach(), b_returns),
                                   global_step)
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-                status.update(global_step, envs.return_queue)
-        status.update(global_step, envs.return_queue, force=True)
+                status.update(global_step, episode_stats.return_queue)
+        status.update(global_step, episode_stats.return_queue, force=True)
         status.close()
         save("end of training")
     except KeyboardInterrupt:
@@ -570,6 +612,8 @@ def evaluate(args: Args) -> None:
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
     agent = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
     agent.load_state_dict(ckpt["model"])
+    if ckpt["obs_rms"] is not None:  # the policy acts on observations normalised as in training
+        envs = frozen_obs_normalization(envs, ckpt["obs_rms"])
     space = envs.single_action_space
 
     returns = np.full(args.eval_episodes, np.nan)

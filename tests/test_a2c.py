@@ -165,6 +165,33 @@ def test_rollout_returns_stop_at_episode_ends(mode):
         np.testing.assert_allclose(returns[[0, 1, 3], 1], [2.5, 3, 1.5])
 
 
+def test_evaluation_normalises_observations_with_the_saved_statistics_frozen():
+    envs = gym.vector.SyncVectorEnv([Counter, Counter], autoreset_mode=AutoresetMode.NEXT_STEP)
+    stats = {"mean": torch.tensor([1.0]), "var": torch.tensor([4.0]), "count": 50.0}
+    envs = a2c.frozen_obs_normalization(envs, stats)
+    obs, _ = envs.reset(seed=0)
+    # (0 - 1) / √4 = -0.5, then (1 - 1) / 2 = 0, (2 - 1) / 2 = 0.5: the statistics do not move.
+    np.testing.assert_allclose(obs[:, 0], [-0.5, -0.5], atol=1e-6)
+    np.testing.assert_allclose(envs.step(np.zeros(2, np.int64))[0][:, 0], [0.0, 0.0], atol=1e-6)
+    np.testing.assert_allclose(envs.step(np.zeros(2, np.int64))[0][:, 0], [0.5, 0.5], atol=1e-6)
+
+
+def test_normalised_rollout_bootstraps_a_truncation_from_the_normalised_final_observation():
+    # NEXT_STEP: the final observation is the next step's observation, so it passes through
+    # the same normalisation as every other one.
+    envs = gym.vector.SyncVectorEnv([lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2)],
+                                    autoreset_mode=AutoresetMode.NEXT_STEP)
+    envs = a2c.frozen_obs_normalization(envs, {"mean": torch.tensor([1.0]), "var": torch.tensor([4.0]),
+                                               "count": 50.0})
+    rollout = a2c.Rollout.empty(3, 1, 1, envs.single_action_space)
+    obs, _ = envs.reset(seed=0)
+    a2c.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs, np.zeros(1, bool))
+    # raw 0→1, 1→2 (truncated), reset step 2→0; normalised (x - 1)/2
+    np.testing.assert_allclose(rollout.next_obs[:, 0, 0], [0.0, 0.5, -0.5], atol=1e-6)
+    assert rollout.truncations[:, 0].tolist() == [False, True, False]
+    assert rollout.valid[:, 0].tolist() == [True, True, False]
+
+
 # ---------------------------------------------------------------------------------------------
 # The script end to end
 # ---------------------------------------------------------------------------------------------
@@ -185,6 +212,9 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert "|vf_loss|huber|" in texts["hyperparameters/text_summary"]
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["script"] == "a2c.py" and ckpt["global_step"] == 4096
+    obs_dim = 4 if env_id == "CartPole-v1" else 3
+    assert ckpt["obs_rms"]["mean"].shape == (obs_dim,) and ckpt["obs_rms"]["count"] > 4000
+    assert ckpt["return_rms"]["var"].item() > 0
 
     out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
                    "--eval-episodes", "2")
