@@ -500,7 +500,7 @@ def train(args: Args) -> None:
             # 3. Optimise the surrogate for K epochs over shuffled minibatches.
             clipfracs = []
             stop = False
-            for epoch in range(args.update_epochs):
+            for _ in range(args.update_epochs):
                 order = valid_idx[torch.randperm(len(valid_idx), device=device)]
                 for mb in torch.tensor_split(order, args.num_minibatches):
                     _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])

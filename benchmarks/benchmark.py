@@ -153,7 +153,8 @@ def table(results):
         groups.setdefault((r["script"], r["env_id"]), []).append(r)
     for (script, env_id), runs in groups.items():
         solved = [r for r in runs if r["solve_s"] is not None]
-        med = lambda key: None if len(solved) < len(runs) / 2 else float(np.median([r[key] for r in solved]))
+        def med(key, solved=solved, runs=runs):  # a median over fewer than half the seeds would flatter
+            return None if len(solved) < len(runs) / 2 else float(np.median([r[key] for r in solved]))
         ema = [r["ema_solve_s"] for r in runs if r["ema_solve_s"] is not None]
         finals = np.array([r["final100"] for r in runs])
         evals = [r["eval"] for r in runs if r.get("eval") is not None]

@@ -65,8 +65,8 @@ def test_one_gradient_step_follows_the_sign_of_the_normalised_return():
     obs = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     actions = torch.tensor([0, 1])
     returns = torch.tensor([1.0, -1.0])  # action 0 in s1 did well, action 1 in s2 badly
-    before, _ = policy.log_prob_and_entropy(obs, actions)
     log_probs, _ = policy.log_prob_and_entropy(obs, actions)
+    before = log_probs.detach().clone()
     opt.zero_grad()
     reinforce.reinforce_loss(log_probs, returns, 1).backward()
     opt.step()
