@@ -110,6 +110,14 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
         spec = gym.spec(env_id)
     except gym.error.Error as e:
         raise UserError(f"unknown env id {env_id!r} ({e})") from None
+    if capture_video:  # rendering may need a package of its own (pygame for classic control)
+        try:
+            probe = gym.make(env_id, render_mode="rgb_array")
+            probe.reset(seed=seed)
+            probe.render()
+            probe.close()
+        except gym.error.DependencyNotInstalled as e:
+            raise UserError(f"--capture-video cannot render {env_id}: {e}") from None
     try:
         if spec.vector_entry_point is not None and not capture_video:
             envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")

@@ -288,3 +288,16 @@ def test_non_finite_loss_stops_and_saves(tmp_path, capsys, monkeypatch):
     (run,) = (tmp_path / "runs").iterdir()
     model = torch.load(run / "model.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_capture_video_without_a_renderer(tmp_path, capsys, monkeypatch):
+    try:
+        import pygame  # noqa: F401
+        pytest.skip("pygame is installed, so CartPole can render")
+    except ImportError:
+        pass
+    real_find_spec = a2c.importlib.util.find_spec
+    monkeypatch.setattr(a2c.importlib.util, "find_spec",  # as if moviepy were installed
+                        lambda name, *a: object() if name == "moviepy" else real_find_spec(name, *a))
+    one_line_error(run_main(a2c, tmp_path, capsys, *SMALL, "--capture-video"), "a2c.py",
+                   "--capture-video cannot render CartPole-v1", "pygame")
