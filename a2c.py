@@ -345,7 +345,8 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
         rollout.truncations[t] = truncated
         rollout.next_obs[t] = obs
         if not next_step_mode and "_final_obs" in info:
-            # SAME_STEP: `obs` is already the first observation of the next episode.
+            # SAME_STEP (a vector env built elsewhere; make_envs uses NEXT_STEP): `obs` is
+            # already the first observation of the next episode.
             ended = info["_final_obs"]
             rollout.next_obs[t, ended] = np.stack(info["final_obs"][ended])
         if on_episode is not None and "_episode" in info:
@@ -445,6 +446,9 @@ def load_checkpoint(path: str, env_id: str, envs) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
         raise UserError(f"{path} was written by {writer}, not {SCRIPT}")
+    missing = [key for key in ['args', 'model', 'spaces', 'obs_rms'] if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
     if ckpt["spaces"] != space_signature(envs):
         raise UserError(f"{path} was trained on {ckpt['args']['env_id']}, whose spaces differ from {env_id}'s: "
                         f"pass --env-id {ckpt['args']['env_id']}")
@@ -619,7 +623,10 @@ def evaluate(args: Args) -> None:
     envs = make_envs(args.env_id, args.eval_episodes, args.seed)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
     agent = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
-    agent.load_state_dict(ckpt["model"])
+    try:
+        agent.load_state_dict(ckpt["model"])
+    except RuntimeError:  # same script and spaces, other layer shapes (another version of it)
+        raise UserError(f"{args.eval_checkpoint}'s weights do not fit this {SCRIPT}'s network") from None
     if ckpt["obs_rms"] is not None:  # the policy acts on observations normalised as in training
         envs = frozen_obs_normalization(envs, ckpt["obs_rms"])
     space = envs.single_action_space

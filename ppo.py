@@ -391,6 +391,9 @@ def load_checkpoint(path: str, env_id: str, obs_dim: int, n_actions: int) -> dic
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
         raise UserError(f"{path} was written by {writer}, not {SCRIPT}")
+    missing = [key for key in ['args', 'model', 'obs_dim', 'n_actions'] if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
     if (ckpt["obs_dim"], ckpt["n_actions"]) != (obs_dim, n_actions):
         raise UserError(f"{path} was trained on {ckpt['args']['env_id']} (obs {ckpt['obs_dim']}, "
                         f"{ckpt['n_actions']} actions), but {env_id} has obs {obs_dim}, {n_actions} actions: "
@@ -585,7 +588,10 @@ def evaluate(args: Args) -> None:
     obs_dim, n_actions = envs.single_observation_space.shape[0], int(envs.single_action_space.n)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, obs_dim, n_actions)
     agent = Agent(obs_dim, n_actions).to(device)
-    agent.load_state_dict(ckpt["model"])
+    try:
+        agent.load_state_dict(ckpt["model"])
+    except RuntimeError:  # same script and spaces, other layer shapes (another version of it)
+        raise UserError(f"{args.eval_checkpoint}'s weights do not fit this {SCRIPT}'s network") from None
 
     returns = np.full(args.eval_episodes, np.nan)
     obs, _ = envs.reset(seed=args.seed)

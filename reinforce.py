@@ -347,6 +347,9 @@ def load_checkpoint(path: str, env_id: str, envs) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
         raise UserError(f"{path} was written by {writer}, not {SCRIPT}")
+    missing = [key for key in ['args', 'model', 'spaces'] if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
     if ckpt["spaces"] != space_signature(envs):
         raise UserError(f"{path} was trained on {ckpt['args']['env_id']}, whose spaces differ from {env_id}'s: "
                         f"pass --env-id {ckpt['args']['env_id']}")
@@ -491,7 +494,10 @@ def evaluate(args: Args) -> None:
     envs = make_envs(args.env_id, args.eval_episodes, args.seed)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
     policy = Policy(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
-    policy.load_state_dict(ckpt["model"])
+    try:
+        policy.load_state_dict(ckpt["model"])
+    except RuntimeError:  # same script and spaces, other layer shapes (another version of it)
+        raise UserError(f"{args.eval_checkpoint}'s weights do not fit this {SCRIPT}'s network") from None
     space = envs.single_action_space
 
     returns = np.full(args.eval_episodes, np.nan)

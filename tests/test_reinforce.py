@@ -278,3 +278,18 @@ def test_capture_video_without_a_renderer(tmp_path, capsys, monkeypatch):
                         lambda name, *a: object() if name == "moviepy" else real_find_spec(name, *a))
     one_line_error(run_main(reinforce, tmp_path, capsys, *SMALL, "--capture-video"), "reinforce.py",
                    "--capture-video cannot render CartPole-v1", "pygame")
+
+
+def test_incomplete_or_misshapen_checkpoints_are_one_line(tmp_path, capsys):
+    incomplete = tmp_path / "incomplete.pt"
+    torch.save({"script": "reinforce.py"}, incomplete)
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(incomplete)), "reinforce.py",
+                   "incomplete reinforce.py checkpoint", "model")
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    ckpt["model"] = {"some.layer": torch.zeros(3)}
+    torch.save(ckpt, tmp_path / "misshapen.pt")
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(tmp_path / "misshapen.pt")),
+                   "reinforce.py", "weights do not fit")
