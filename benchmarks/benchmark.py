@@ -73,7 +73,8 @@ def analyse(run_dir, start, env_id):
     i = first_crossing(mean100, level) if level is not None else None
     out["solve_s"] = None if i is None else float(wall[i] - start)
     out["solve_steps"] = None if i is None else int(steps[i])
-    j = first_crossing(ema, level, strict=True) if level is not None else None  # "exceeds", as PyTorch's example
+    # "exceeds", as PyTorch's example; meaningless where the EMA starts (10) above the threshold
+    j = first_crossing(ema, level, strict=True) if level is not None and level > 10 else None
     out["ema_solve_s"] = None if j is None else float(wall[j] - start)
     out["ema_episodes"] = None if j is None else j + 1
     sps = read_scalars(run_dir, "charts/SPS")
