@@ -1,0 +1,733 @@
+"""Proximal Policy Optimization (PPO) for continuous action spaces (MuJoCo), in one file.
+
+The clipped-surrogate PPO of Schulman et al. (2017) with a Gaussian policy: as the seed tutorial
+puts it, for continuous control the policy network gives a mean and a variance, and actions are
+drawn from that normal distribution. Run π_θold in N synchronous envs for T steps, estimate
+advantages with GAE, optimise the clipped surrogate for K epochs over shuffled minibatches.
+
+    python ppo_continuous.py --env-id HalfCheetah-v5
+    python ppo_continuous.py --env-id Pendulum-v1 --total-timesteps 300000 --save-model
+    python ppo_continuous.py --env-id Hopper-v5 --eval-checkpoint runs/RUN/model.pt
+
+Gymnasium 1.x: a truncated episode (time limit) bootstraps from V(final observation); a
+terminated one does not. Observations are standardised by running statistics that this file
+keeps itself (`update_running_mean_std`), so the final observation of an episode is
+normalised exactly as every other observation of its batch, and the statistics go into the
+checkpoint and are used, frozen, to evaluate it.
+"""
+
+import importlib.util
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import tyro
+from gymnasium.vector import AutoresetMode
+
+SCRIPT = os.path.basename(__file__)
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, random and the envs)"""
+    torch_deterministic: bool = True
+    """if toggled, `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = False
+    """if toggled, train on the GPU (off: small MLPs are faster on the CPU)"""
+    capture_video: bool = False
+    """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
+    save_model: bool = False
+    """if toggled, save the model and normalisation statistics to `runs/RUN/model.pt` (also on Ctrl-C)"""
+
+    env_id: str = "HalfCheetah-v5"
+    """the id of the environment (a Box action space)"""
+    total_timesteps: int = 1_000_000
+    """total env steps of the experiment"""
+    learning_rate: float = 3e-4
+    """the learning rate of the optimizer"""
+    num_envs: int = 1
+    """the number of parallel game environments"""
+    num_steps: int = 2048
+    """the number of steps to run in each environment per policy rollout (T)"""
+    anneal_lr: bool = True
+    """toggle learning-rate annealing (linear, to zero at the end of training)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    gae_lambda: float = 0.95
+    """the lambda of the general advantage estimation"""
+    num_minibatches: int = 32
+    """the number of minibatches per epoch"""
+    update_epochs: int = 10
+    """the K epochs to update the policy"""
+    norm_adv: bool = True
+    """toggles advantage normalisation (per minibatch)"""
+    clip_coef: float = 0.2
+    """the surrogate clipping coefficient epsilon"""
+    clip_vloss: bool = True
+    """toggles whether or not to use a clipped loss for the value function"""
+    ent_coef: float = 0.0
+    """coefficient of the entropy bonus"""
+    vf_coef: float = 0.5
+    """coefficient of the value function loss"""
+    max_grad_norm: float = 0.5
+    """the maximum norm for the global gradient clipping"""
+    target_kl: Optional[float] = None
+    """stop the epochs early once the approximate KL exceeds this (checked every minibatch)"""
+    norm_obs: bool = True
+    """toggles standardising observations by their running mean and std (clipped to +-obs-clip)"""
+    obs_clip: float = 10.0
+    """the bound of the standardised observations"""
+    norm_reward: bool = True
+    """toggles dividing rewards by the running std of the discounted return (clipped to +-reward-clip)"""
+    reward_clip: float = 10.0
+    """the bound of the scaled rewards"""
+
+    eval_checkpoint: Optional[str] = None
+    """evaluate this saved model (deterministic policy: the Gaussian's mean) instead of training"""
+    eval_episodes: int = 10
+    """the number of episodes to evaluate a saved model for"""
+
+
+class UserError(Exception):
+    """A mistake in the command line or its inputs: reported as one line, exit code 2."""
+
+
+def check_args(args: Args) -> None:
+    counts = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs, num_steps=args.num_steps,
+                  num_minibatches=args.num_minibatches, update_epochs=args.update_epochs,
+                  eval_episodes=args.eval_episodes)
+    for name, value in counts.items():
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    batch_size = args.num_envs * args.num_steps
+    if batch_size % args.num_minibatches:
+        raise UserError(f"the batch (--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}) "
+                        f"does not divide into --num-minibatches {args.num_minibatches}")
+    if args.total_timesteps < batch_size:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size})")
+    if args.capture_video and importlib.util.find_spec("moviepy") is None:
+        raise UserError("--capture-video needs moviepy: pip install moviepy")
+    if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
+        raise UserError("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
+    if args.learning_rate <= 0 or args.clip_coef <= 0 or args.max_grad_norm <= 0:
+        raise UserError("--learning-rate, --clip-coef and --max-grad-norm must be positive")
+    if args.obs_clip <= 0 or args.reward_clip <= 0:
+        raise UserError("--obs-clip and --reward-clip must be positive")
+
+
+# ---------------------------------------------------------------------------------------------
+# Environments
+# ---------------------------------------------------------------------------------------------
+
+def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False,
+              run_name: str = "") -> gym.vector.VectorEnv:
+    """N copies of `env_id` in a SyncVectorEnv that autoresets SAME_STEP, with episode statistics.
+
+    SAME_STEP wastes no step on resets and hands over each ended episode's final observation
+    in `info`. Normalisation is not done by Gymnasium's wrappers: the vector-level ones accept
+    only NEXT_STEP autoreset, and the per-env ones would keep N different sets of statistics
+    (N policies, in effect). This file normalises the whole batch itself (see `train`).
+    """
+    try:
+        gym.spec(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"unknown env id {env_id!r} ({e})") from None
+    if capture_video:  # rendering may need a package of its own (pygame for classic control)
+        try:
+            probe = gym.make(env_id, render_mode="rgb_array")
+            probe.reset(seed=seed)
+            probe.render()
+            probe.close()
+        except gym.error.DependencyNotInstalled as e:
+            raise UserError(f"--capture-video cannot render {env_id}: {e}") from None
+
+    def thunk(i):
+        def make():
+            if capture_video and i == 0:
+                env = gym.make(env_id, render_mode="rgb_array")
+                return gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+            return gym.make(env_id)
+        return make
+    try:
+        envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)], autoreset_mode=AutoresetMode.SAME_STEP)
+    except gym.error.Error as e:
+        raise UserError(f"cannot make {env_id!r}: {e}") from None
+    action_space = envs.single_action_space
+    if not isinstance(action_space, gym.spaces.Box) or len(action_space.shape) != 1:
+        envs.close()
+        hint = " (use ppo.py for Discrete actions)" if isinstance(action_space, gym.spaces.Discrete) else ""
+        raise UserError(f"{env_id} has a {type(action_space).__name__} action space; "
+                        f"{SCRIPT} needs a flat Box one{hint}")
+    obs_space = envs.single_observation_space
+    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+        envs.close()
+        raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box")
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
+    envs.action_space.seed(seed)
+    return envs
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalisation: running mean and variance, merged batch by batch
+# ---------------------------------------------------------------------------------------------
+
+def update_running_mean_std(mean: np.ndarray, var: np.ndarray, count: float, batch_mean: np.ndarray,
+                            batch_var: np.ndarray, batch_count: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Merge two sets' moments: δ = μ_B - μ_A, n = n_A + n_B, μ = μ_A + δ n_B/n, σ² = (n_A σ_A² + n_B σ_B² + δ² n_A n_B/n) / n."""
+    delta = batch_mean - mean
+    total = count + batch_count
+    new_mean = mean + delta * batch_count / total
+    new_var = (var * count + batch_var * batch_count + delta ** 2 * count * batch_count / total) / total
+    return new_mean, new_var, total
+
+
+class RunningMeanStd:
+    """Mean and (population) variance of everything seen so far, feature by feature."""
+
+    def __init__(self, shape: tuple = (), epsilon: float = 1e-4):
+        # A tiny prior count (mean 0, variance 1), so the first batch all but replaces it.
+        self.mean, self.var, self.count = np.zeros(shape), np.ones(shape), epsilon
+
+    def update(self, batch: np.ndarray) -> None:
+        self.mean, self.var, self.count = update_running_mean_std(
+            self.mean, self.var, self.count, batch.mean(0), batch.var(0), batch.shape[0])
+
+    def state(self) -> dict:
+        """As plain tensors and a float, for a weights_only checkpoint."""
+        return {"mean": torch.as_tensor(self.mean), "var": torch.as_tensor(self.var), "count": float(self.count)}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "RunningMeanStd":
+        rms = cls()
+        rms.mean, rms.var, rms.count = state["mean"].numpy(), state["var"].numpy(), state["count"]
+        return rms
+
+
+def normalize_observations(obs: np.ndarray, mean: np.ndarray, var: np.ndarray, clip: float,
+                           eps: float = 1e-8) -> np.ndarray:
+    """clip((s - μ) / √(σ² + ε), -c, c)."""
+    return np.clip((obs - mean) / np.sqrt(var + eps), -clip, clip).astype(np.float32)
+
+
+def running_discounted_returns(rewards: np.ndarray, dones: np.ndarray, carried: np.ndarray,
+                               gamma: float) -> tuple[np.ndarray, np.ndarray]:
+    """G_t = r_t + γ G_{t-1}, restarting at 0 after an episode ends; returns (G, the G to carry on).
+
+    Arrays (T, N); `carried` is what the previous rollout returned. These forward-discounted
+    returns are what the reward scale is the running std of (as SB3's VecNormalize).
+    """
+    returns = np.empty_like(rewards)
+    g = carried
+    for t in range(rewards.shape[0]):
+        g = rewards[t] + gamma * g
+        returns[t] = g
+        g = np.where(dones[t], 0.0, g)
+    return returns, g.astype(rewards.dtype)
+
+
+def scale_rewards(rewards: np.ndarray, return_var: float, clip: float, eps: float = 1e-8) -> np.ndarray:
+    """clip(r / √(Var[G] + ε), -c, c): rewards divided by the running std of the discounted return."""
+    return np.clip(rewards / np.sqrt(return_var + eps), -clip, clip).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The policy network π_θ(a|s) = N(μ_θ(s), σ²) and the critic V(s)
+# ---------------------------------------------------------------------------------------------
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_log_prob(actions: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    """log π(a|s) = Σ_i [-(a_i - μ_i)² / (2σ_i²) - log σ_i - ½ log 2π], summed over action dimensions."""
+    return (-0.5 * ((actions - mean) / log_std.exp()) ** 2 - log_std - 0.5 * LOG_2PI).sum(-1)
+
+
+def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
+    """H(π(·|s)) = Σ_i [½ + ½ log 2π + log σ_i], summed over action dimensions."""
+    return (0.5 + 0.5 * LOG_2PI + log_std).sum(-1)
+
+
+def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+    """Orthogonal weights with gain `std`, constant bias (the PPO implementations' init)."""
+    torch.nn.init.orthogonal_(layer.weight, std)
+    torch.nn.init.constant_(layer.bias, bias_const)
+    return layer
+
+
+class Agent(nn.Module):
+    """Separate 64-64 tanh MLPs: the actor gives the mean μ_θ(s), the critic V(s); log σ is a
+    learned vector of its own, the same in every state (as in the PPO paper)."""
+
+    def __init__(self, obs_dim: int, action_dim: int):
+        super().__init__()
+        self.critic = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 1), std=1.0),
+        )
+        # A small last layer starts every mean near 0, so early actions are σ = 1 noise around it.
+        self.actor_mean = nn.Sequential(
+            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            layer_init(nn.Linear(64, action_dim), std=0.01),
+        )
+        self.actor_logstd = nn.Parameter(torch.zeros(1, action_dim))
+
+    def get_value(self, x: torch.Tensor) -> torch.Tensor:
+        return self.critic(x).squeeze(-1)
+
+    def get_action_and_value(self, x: torch.Tensor, action: torch.Tensor):
+        """(a, log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
+        mean = self.actor_mean(x)
+        log_std = self.actor_logstd.expand_as(mean)
+        return action, gaussian_log_prob(action, mean, log_std), gaussian_entropy(log_std), self.get_value(x)
+
+
+class NumpyPolicy:
+    """a ~ N(μ_θ(s), σ²) for the rollout: the actor's forward pass in numpy, on a copy of its weights.
+
+    Observations are standardised inside, with statistics frozen for the rollout: the policy
+    that acts is a fixed function of the raw observation. Made anew each rollout. For a few
+    envs, numpy's per-layer overhead (~1 µs) is far below torch's (~10 µs).
+    """
+
+    def __init__(self, agent: Agent, obs_rms: Optional[RunningMeanStd], obs_clip: float,
+                 rng: Optional[np.random.Generator] = None):
+        self.layers = [(m.weight.detach().cpu().numpy().T.copy(), m.bias.detach().cpu().numpy().copy())
+                       for m in agent.actor_mean if isinstance(m, nn.Linear)]
+        self.std = agent.actor_logstd.detach().exp().cpu().numpy()[0]
+        self.obs_rms, self.obs_clip, self.rng = obs_rms, obs_clip, rng
+
+    def mean(self, obs: np.ndarray) -> np.ndarray:
+        """μ_θ(s): the deterministic policy, used to evaluate a saved model."""
+        x = obs.astype(np.float32)
+        if self.obs_rms is not None:
+            x = normalize_observations(x, self.obs_rms.mean, self.obs_rms.var, self.obs_clip)
+        for i, (weight, bias) in enumerate(self.layers):
+            x = x @ weight + bias
+            if i < len(self.layers) - 1:
+                x = np.tanh(x)
+        return x
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        mean = self.mean(obs)
+        return mean + self.std * self.rng.standard_normal(mean.shape, dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rollout: run π_θold for T steps in N envs
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Rollout:
+    """One batch of experience, each field shaped (T, N, ...), as numpy arrays; raw observations.
+
+    `actions` are the Gaussian samples as drawn, not clipped to the action space: the env is
+    given the clipped action, but log π_θold(a|s) must be of the sample π_θold produced.
+    `next_obs[t]` is the state the transition at t led to: the final observation when the
+    episode ended at t (so a truncated episode can bootstrap from it), else the next one.
+    """
+    obs: np.ndarray
+    actions: np.ndarray
+    rewards: np.ndarray
+    terminations: np.ndarray
+    truncations: np.ndarray
+    next_obs: np.ndarray
+
+    @classmethod
+    def empty(cls, num_steps: int, num_envs: int, obs_dim: int, action_dim: int) -> "Rollout":
+        steps = (num_steps, num_envs)
+        return cls(obs=np.zeros(steps + (obs_dim,), np.float32), actions=np.zeros(steps + (action_dim,), np.float32),
+                   rewards=np.zeros(steps, np.float32), terminations=np.zeros(steps, bool),
+                   truncations=np.zeros(steps, bool), next_obs=np.zeros(steps + (obs_dim,), np.float32))
+
+
+def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, on_episode=None) -> np.ndarray:
+    """Fill `rollout` with T steps of `policy` (observations -> actions) in `envs`, from `obs`.
+
+    `envs` autoreset SAME_STEP: the observation after an episode's last step is already the
+    next episode's first, and the final one is in `info["final_obs"]`. Returns the obs to
+    continue from. `on_episode(returns, lengths)` is called with the stats of episodes that end.
+    """
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+    for t in range(rollout.obs.shape[0]):
+        rollout.obs[t] = obs
+        action = policy(rollout.obs[t])
+        rollout.actions[t] = action
+
+        obs, reward, terminated, truncated, info = envs.step(np.clip(action, low, high))
+        rollout.rewards[t] = reward
+        rollout.terminations[t] = terminated
+        rollout.truncations[t] = truncated
+        rollout.next_obs[t] = obs
+        if "_final_obs" in info:
+            ended = info["_final_obs"]
+            rollout.next_obs[t, ended] = np.stack(info["final_obs"][ended])
+        if on_episode is not None and "_episode" in info:
+            ended = info["_episode"]
+            on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
+    return obs
+
+
+def normalise_batch(rollout: Rollout, obs_rms: Optional[RunningMeanStd],
+                    obs_clip: float) -> tuple[np.ndarray, np.ndarray]:
+    """The batch's observations and the states they led to, (T·N, d) each, standardised alike.
+
+    The statistics first take in the batch's observations; then one mean and variance
+    standardise every observation of it, the final observations that truncations bootstrap
+    from included, and the next rollout acts with the same ones the update trained on.
+    """
+    obs, next_obs = (x.reshape(-1, x.shape[-1]) for x in (rollout.obs, rollout.next_obs))
+    if obs_rms is None:
+        return obs, next_obs
+    obs_rms.update(obs)
+    return (normalize_observations(obs, obs_rms.mean, obs_rms.var, obs_clip),
+            normalize_observations(next_obs, obs_rms.mean, obs_rms.var, obs_clip))
+
+
+# ---------------------------------------------------------------------------------------------
+# The math: advantages and losses, as pure functions
+# ---------------------------------------------------------------------------------------------
+
+def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, terminations: np.ndarray,
+        truncations: np.ndarray, gamma: float, gae_lambda: float) -> tuple[np.ndarray, np.ndarray]:
+    """Â_t = δ_t + γλ(1-done_t)Â_{t+1}, δ_t = r_t + γ(1-term_t)V(s_{t+1}) - V(s_t); returns (Â, Â+V).
+
+    Arrays (T, N). `next_values[t]` is V of the state step t led to (the final observation
+    when the episode ended at t), so a truncated step bootstraps and a terminated one does
+    not; either way the sum stops at the episode's end. After step T-1 nothing is summed.
+    """
+    deltas = rewards + gamma * (1.0 - terminations) * next_values - values
+    continues = 1.0 - (terminations | truncations)
+    advantages = np.zeros_like(deltas)
+    running = np.zeros(deltas.shape[1], deltas.dtype)
+    for t in reversed(range(deltas.shape[0])):
+        running = deltas[t] + gamma * gae_lambda * continues[t] * running
+        advantages[t] = running
+    return advantages, (advantages + values).astype(np.float32)
+
+
+def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(Â - mean Â) / (std Â + ε), over one minibatch."""
+    return (advantages - advantages.mean()) / (advantages.std() + eps)
+
+
+def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
+    """-E_t[min(r_t Â_t, clip(r_t, 1-ε, 1+ε) Â_t)], r_t = π_θ(a_t|s_t) / π_θold(a_t|s_t)."""
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - clip_coef, 1.0 + clip_coef) * advantages
+    return -torch.min(unclipped, clipped).mean()
+
+
+def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip_coef: Optional[float] = None) -> torch.Tensor:
+    """½E[(V-R)²], or with `clip_coef` ½E[max((V-R)², (V_old + clip(V-V_old, ±ε) - R)²)]."""
+    unclipped = (new_values - returns) ** 2
+    if clip_coef is None:
+        return 0.5 * unclipped.mean()
+    v_clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
+    return 0.5 * torch.max(unclipped, (v_clipped - returns) ** 2).mean()
+
+
+def approx_kl(logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Estimates of KL(π_θold, π_θ) from log r = log π_θ - log π_θold: (E[-log r], E[(r-1) - log r])."""
+    return (-logratio).mean(), ((logratio.exp() - 1) - logratio).mean()
+
+
+def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant (nan if Var[R]=0)."""
+    var_targets = targets.var()
+    return float("nan") if var_targets == 0 else float(1 - (targets - predictions).var() / var_targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def space_signature(envs) -> dict:
+    return {"obs_dim": envs.single_observation_space.shape[0], "action_dim": envs.single_action_space.shape[0]}
+
+
+def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optimizer, envs,
+                    obs_rms: Optional[RunningMeanStd], return_rms: Optional[RunningMeanStd]) -> None:
+    # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
+    torch.save({"script": SCRIPT, "args": asdict(args), "global_step": global_step, "model": agent.state_dict(),
+                "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
+                "obs_rms": obs_rms and obs_rms.state(), "return_rms": return_rms and return_rms.state()}, path)
+
+
+def load_checkpoint(path: str, env_id: str, envs) -> dict:
+    if not os.path.isfile(path):
+        raise UserError(f"no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a torch.load of a foreign file can raise almost anything
+        raise UserError(f"{path} is not a checkpoint this script can read ({type(e).__name__})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
+        writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
+        raise UserError(f"{path} was written by {writer}, not {SCRIPT}")
+    missing = [key for key in ['args', 'model', 'spaces', 'obs_rms'] if key not in ckpt]
+    if missing:
+        raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
+    if ckpt["spaces"] != space_signature(envs):
+        raise UserError(f"{path} was trained on {ckpt['args']['env_id']}, whose spaces differ from {env_id}'s: "
+                        f"pass --env-id {ckpt['args']['env_id']}")
+    if ckpt["args"].get("norm_obs", True) and ckpt["obs_rms"] is None:
+        raise UserError(f"{path} was trained on normalised observations but holds no statistics for them")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def select_device(args: Args) -> torch.device:
+    if args.cuda and not torch.cuda.is_available():
+        print(f"{SCRIPT}: warning: --cuda given but no GPU is available; running on the CPU", file=sys.stderr)
+    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(args: Args) -> None:
+    # One thread is fastest for 64-unit MLPs, and keeps a run's numbers independent of core count.
+    torch.set_num_threads(1)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+
+
+class StatusLine:
+    """Progress every few seconds on one line (a new line each time when not a terminal)."""
+
+    def __init__(self, total: int, every: float = 3.0):
+        self.total, self.every = total, every
+        self.start = self.last = time.time()
+        self.tty = sys.stdout.isatty()
+
+    def update(self, step: int, recent_returns, force: bool = False) -> None:
+        now = time.time()
+        if not force and now - self.last < self.every:
+            return
+        self.last = now
+        sps = step / max(now - self.start, 1e-9)
+        mean = f"{np.mean(recent_returns):9.2f}" if len(recent_returns) else "      n/a"
+        left = (self.total - step) / max(sps, 1e-9)
+        line = (f"step {step:>{len(str(self.total))}}/{self.total}  SPS {sps:7.0f}  "
+                f"return (last {len(recent_returns):3d}) {mean}  left {left:5.0f}s")
+        print("\r" + line if self.tty else line, end="" if self.tty else "\n", flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            print()
+
+
+def train(args: Args) -> None:
+    check_args(args)
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    device = select_device(args)
+    seed_everything(args)
+
+    envs = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
+    obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
+    agent = Agent(obs_dim, action_dim).to(device)
+    optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
+                                 fused=device.type in ("cpu", "cuda"))
+    obs_rms = RunningMeanStd((obs_dim,)) if args.norm_obs else None
+    return_rms = RunningMeanStd() if args.norm_reward else None
+
+    from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
+                    "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+
+    batch_size = args.num_envs * args.num_steps
+    num_iterations = args.total_timesteps // batch_size
+    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_dim, action_dim)
+    global_step = 0
+    status = StatusLine(num_iterations * batch_size)
+
+    def on_episode(returns, lengths):
+        for r, l in zip(returns, lengths):
+            writer.add_scalar("charts/episodic_return", r, global_step)
+            writer.add_scalar("charts/episodic_length", l, global_step)
+
+    def save(reason: str) -> None:
+        if args.save_model:
+            path = f"runs/{run_name}/model.pt"
+            save_checkpoint(path, args, global_step, agent, optimizer, envs, obs_rms, return_rms)
+            print(f"{SCRIPT}: model saved to {path} ({reason})")
+
+    rng = np.random.default_rng(args.seed)
+    obs, _ = envs.reset(seed=args.seed)
+    discounted_return = np.zeros(args.num_envs, np.float32)
+    start_time = time.time()
+    try:
+        for iteration in range(1, num_iterations + 1):
+            if args.anneal_lr:
+                optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
+
+            # 1. Run π_θold for T steps in each of the N envs.
+            with torch.inference_mode():
+                policy = NumpyPolicy(agent, obs_rms, args.obs_clip, rng)
+                obs = collect_rollout(envs, policy, rollout, obs, on_episode)
+                global_step += batch_size
+
+                # 2. Normalise the batch with one set of statistics (see `normalise_batch`).
+                norm_obs, norm_next_obs = normalise_batch(rollout, obs_rms, args.obs_clip)
+                b_obs = torch.from_numpy(norm_obs).to(device)
+                # Rewards are scaled so that returns, and the critic's targets, keep a scale of
+                # about one whatever the env's units; the policy never sees them, so the scale
+                # may take in this batch before it is applied to it.
+                rewards = rollout.rewards
+                if return_rms is not None:
+                    returns_so_far, discounted_return = running_discounted_returns(
+                        rollout.rewards, rollout.terminations | rollout.truncations, discounted_return, args.gamma)
+                    return_rms.update(returns_so_far.reshape(-1))
+                    rewards = scale_rewards(rollout.rewards, return_rms.var, args.reward_clip)
+
+                b_actions = torch.from_numpy(rollout.actions.reshape(-1, action_dim)).to(device)
+                _, b_logprobs, _, b_values = agent.get_action_and_value(b_obs, b_actions)
+                values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
+                next_values = agent.get_value(torch.from_numpy(norm_next_obs).to(device)).cpu().numpy()
+                next_values = next_values.reshape(args.num_steps, args.num_envs)
+
+            # 3. The advantage estimate Â_t.
+            advantages, returns = gae(rewards, values, next_values, rollout.terminations,
+                                      rollout.truncations, args.gamma, args.gae_lambda)
+            b_advantages = torch.from_numpy(advantages.reshape(-1)).to(device)
+            b_returns = torch.from_numpy(returns.reshape(-1)).to(device)
+
+            # 4. Optimise the surrogate for K epochs over shuffled minibatches.
+            clipfracs = []
+            stop = False
+            for _ in range(args.update_epochs):
+                order = torch.randperm(batch_size, device=device)
+                for mb in torch.tensor_split(order, args.num_minibatches):
+                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
+                    logratio = newlogprob - b_logprobs[mb]
+                    ratio = logratio.exp()
+                    with torch.no_grad():
+                        old_kl, kl = approx_kl(logratio)
+                        clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+
+                    mb_advantages = b_advantages[mb]
+                    if args.norm_adv:
+                        mb_advantages = normalize_advantages(mb_advantages)
+                    pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
+                    v_loss = value_loss(newvalue, b_values[mb], b_returns[mb],
+                                        args.clip_coef if args.clip_vloss else None)
+                    entropy_loss = entropy.mean()
+                    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+
+                    optimizer.zero_grad()
+                    loss.backward()
+                    # Raises before the step on a NaN/inf gradient, so the weights stay finite.
+                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, error_if_nonfinite=True)
+                    optimizer.step()
+                    if args.target_kl is not None and kl > args.target_kl:
+                        stop = True
+                        break
+                if stop:
+                    break
+
+            # 5. Log what the update did.
+            sps = int(global_step / (time.time() - start_time))
+            writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
+            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
+            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
+            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+            writer.add_scalar("losses/old_approx_kl", old_kl.item(), global_step)
+            writer.add_scalar("losses/approx_kl", kl.item(), global_step)
+            writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
+            writer.add_scalar("losses/explained_variance", explained_variance(b_values, b_returns), global_step)
+            writer.add_scalar("charts/SPS", sps, global_step)
+            status.update(global_step, envs.return_queue)
+        status.update(global_step, envs.return_queue, force=True)
+        status.close()
+        save("end of training")
+    except KeyboardInterrupt:
+        status.close()
+        print(f"{SCRIPT}: interrupted at step {global_step}")
+        save("interrupted")
+        writer.close()
+        envs.close()
+        sys.exit(130)
+    except RuntimeError as e:
+        if "non-finite" not in str(e):
+            raise
+        status.close()
+        save("non-finite gradient")
+        writer.close()
+        envs.close()
+        print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
+              "stopped before applying it", file=sys.stderr)
+        sys.exit(1)
+    writer.close()
+    envs.close()
+
+
+def evaluate(args: Args) -> None:
+    """Run the deterministic policy (the Gaussian's mean) of a saved model; train nothing.
+
+    Observations are standardised with the statistics saved in the checkpoint, frozen: the
+    policy learned on standardised inputs, and without them it acts all but at random.
+    """
+    check_args(args)
+    device = select_device(args)
+    seed_everything(args)
+    # One env per episode, so short episodes are not over-represented in the mean.
+    envs = make_envs(args.env_id, args.eval_episodes, args.seed)
+    ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
+    agent = Agent(*space_signature(envs).values()).to(device)
+    try:
+        agent.load_state_dict(ckpt["model"])
+    except RuntimeError:  # same script and spaces, other layer shapes (another version of it)
+        raise UserError(f"{args.eval_checkpoint}'s weights do not fit this {SCRIPT}'s network") from None
+    obs_rms = ckpt["obs_rms"] and RunningMeanStd.from_state(ckpt["obs_rms"])
+    policy = NumpyPolicy(agent, obs_rms, ckpt["args"].get("obs_clip", args.obs_clip))
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+
+    returns = np.full(args.eval_episodes, np.nan)
+    obs, _ = envs.reset(seed=args.seed)
+    while np.isnan(returns).any():
+        obs, _, _, _, info = envs.step(np.clip(policy.mean(obs), low, high))
+        if "_episode" in info:
+            first = info["_episode"] & np.isnan(returns)
+            returns[first] = info["episode"]["r"][first]
+    envs.close()
+
+    from torch.utils.tensorboard import SummaryWriter
+    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    writer = SummaryWriter(f"runs/{run_name}")
+    for i, r in enumerate(returns):
+        writer.add_scalar("eval/episodic_return", r, i)
+    writer.close()
+    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
+          f"return {returns.mean():.2f} ± {returns.std():.2f}")
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    try:
+        evaluate(args) if args.eval_checkpoint else train(args)
+    except UserError as e:
+        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
+        print(f"{SCRIPT}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,427 @@
+"""Tests of ppo_continuous.py: the math against numbers worked out by hand (the Gaussian, the
+running statistics, reward scaling, GAE, the losses), a truncation's bootstrap from its
+normalised final observation, and the script end to end (smoke, evaluation with the saved
+statistics, errors, seeds)."""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+from gymnasium.vector import AutoresetMode
+
+import ppo_continuous as pc
+from conftest import interrupt_script, one_line_error, read_tags, run_main, run_script
+
+LOG_2PI = 1.8378770664093453  # ln 2π
+LN2 = 0.6931471805599453
+
+
+def t(rows):
+    """Hand-written (N, T) rows -> a (T, N) array, so each env reads as a line below."""
+    return np.array(rows, dtype=np.float32).T
+
+
+# ---------------------------------------------------------------------------------------------
+# The Gaussian policy
+# ---------------------------------------------------------------------------------------------
+
+def test_gaussian_log_prob_by_hand():
+    # Two action dimensions, σ = (1, 2), so log σ = (0, ln 2).
+    # a = (1, 0), μ = (0, 0): dim 1: -½·1² - 0 - ½ln2π; dim 2: -½·0² - ln 2 - ½ln2π
+    #   sum = -0.5 - ln 2 - ln 2π = -0.5 - 0.693147 - 1.837877 = -3.031024
+    # a = (2, -1), μ = (1, 1): dim 1: -½·1²; dim 2: -½·(-2/2)² - ln 2: sum = -1 - ln 2 - ln 2π = -3.531024
+    log_std = torch.tensor([[0.0, LN2], [0.0, LN2]])
+    actions = torch.tensor([[1.0, 0.0], [2.0, -1.0]])
+    mean = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(pc.gaussian_log_prob(actions, mean, log_std), torch.tensor([-3.031024, -3.531024]))
+
+
+def test_gaussian_entropy_by_hand():
+    # Σ_i (½ + ½ln2π + log σ_i) with log σ = (0, ln 2): 1 + 1.837877 + 0.693147 = 3.531024;
+    # a unit Gaussian in 1-d: ½ + ½ln2π = 1.418939
+    torch.testing.assert_close(pc.gaussian_entropy(torch.tensor([[0.0, LN2], [0.0, 0.0]])),
+                               torch.tensor([3.531024, 2.837877]))
+    torch.testing.assert_close(pc.gaussian_entropy(torch.tensor([0.0])), torch.tensor(1.418939))
+
+
+def test_agent_starts_with_unit_noise_around_a_near_zero_mean():
+    agent = pc.Agent(3, 2)
+    obs = torch.zeros(4, 3)
+    _, logprob, entropy, value = agent.get_action_and_value(obs, torch.zeros(4, 2))
+    assert logprob.shape == entropy.shape == value.shape == (4,)
+    # μ ≈ 0, σ = 1 in 2-d: log N(0; 0, 1)² = -ln 2π; entropy = 1 + ln 2π
+    torch.testing.assert_close(logprob, torch.full((4,), -LOG_2PI), atol=1e-3, rtol=0)
+    torch.testing.assert_close(entropy, torch.full((4,), 1 + LOG_2PI))
+
+
+def test_numpy_policy_matches_the_torch_actor_and_samples_its_gaussian():
+    agent = pc.Agent(4, 2)
+    with torch.no_grad():
+        agent.actor_logstd.copy_(torch.tensor([[math.log(0.5), math.log(2.0)]]))
+    rms = pc.RunningMeanStd((4,))
+    rms.mean, rms.var = np.array([1.0, 0.0, -1.0, 2.0]), np.array([4.0, 1.0, 0.25, 9.0])
+    obs = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
+    policy = pc.NumpyPolicy(agent, rms, 10.0, np.random.default_rng(0))
+    normalised = torch.from_numpy(pc.normalize_observations(obs, rms.mean, rms.var, 10.0))
+    np.testing.assert_allclose(policy.mean(obs), agent.actor_mean(normalised).detach().numpy(), atol=1e-6)
+    # 20,000 draws for one observation: the spread is σ = (0.5, 2) to within 2%
+    samples = policy(np.repeat(obs[:1], 20_000, axis=0)) - policy.mean(obs[:1])
+    np.testing.assert_allclose(samples.std(0), [0.5, 2.0], rtol=0.02)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running statistics and normalisation
+# ---------------------------------------------------------------------------------------------
+
+def test_running_mean_std_merge_of_two_batches_by_hand():
+    # A = {1, 3}: μ 2, σ² 1, n 2.  B = {5, 7, 9}: μ 7, σ² (4 + 0 + 4)/3 = 8/3, n 3.
+    # δ = 5, n = 5, μ = 2 + 5·3/5 = 5, M2 = 1·2 + (8/3)·3 + 25·2·3/5 = 2 + 8 + 30 = 40, σ² = 40/5 = 8,
+    # the mean and variance of {1, 3, 5, 7, 9}: (16 + 4 + 0 + 4 + 16)/5 = 8.
+    mean, var, count = pc.update_running_mean_std(np.array(2.0), np.array(1.0), 2, np.array(7.0), np.array(8 / 3), 3)
+    assert (float(mean), float(var), count) == pytest.approx((5.0, 8.0, 5))
+    # Per feature: a second feature with A = {0, 0}, B = {3, 3, 3}: μ 9/5 = 1.8, σ² = (2·1.8² + 3·1.2²)/5 = 2.16
+    mean, var, _ = pc.update_running_mean_std(np.array([2.0, 0.0]), np.array([1.0, 0.0]), 2,
+                                              np.array([7.0, 3.0]), np.array([8 / 3, 0.0]), 3)
+    np.testing.assert_allclose(mean, [5.0, 1.8])
+    np.testing.assert_allclose(var, [8.0, 2.16])
+
+
+def test_running_mean_std_fed_batch_by_batch_knows_all_of_them():
+    rms = pc.RunningMeanStd((1,))
+    rms.update(np.array([[1.0], [3.0]]))
+    rms.update(np.array([[5.0], [7.0], [9.0]]))
+    # the tiny prior count (1e-4 of a sample at mean 0, variance 1) moves nothing beyond 1e-4
+    np.testing.assert_allclose(rms.mean, [5.0], rtol=1e-4)
+    np.testing.assert_allclose(rms.var, [8.0], rtol=1e-4)
+    assert rms.count == pytest.approx(5.0, abs=1e-3)
+
+
+def test_normalize_observations_standardises_and_clips():
+    # (3 - 1)/√4 = 1; (-100 - 0)/√1 = -100 → clipped to -10; (0.5 - 0.5)/√0.25 = 0
+    out = pc.normalize_observations(np.array([[3.0, -100.0, 0.5]]), np.array([1.0, 0.0, 0.5]),
+                                    np.array([4.0, 1.0, 0.25]), clip=10.0)
+    np.testing.assert_allclose(out, [[1.0, -10.0, 0.0]], atol=1e-6)
+    assert out.dtype == np.float32
+
+
+def test_running_discounted_returns_restart_after_an_episode_ends():
+    # γ = 0.5. Env 0 carries G = 2 in from the last rollout and its episode ends at t=1:
+    #   G0 = 1 + 0.5·2 = 2, G1 = 2 + 0.5·2 = 3 (ends), G2 = 3, G3 = 4 + 0.5·3 = 5.5; carried out 5.5
+    # Env 1 starts fresh and its episode ends at the last step: G = 1, 1.5, 1.75, 1.875; carried out 0
+    rewards = t([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 1.0]])
+    dones = t([[0, 1, 0, 0], [0, 0, 0, 1]]).astype(bool)
+    returns, carried = pc.running_discounted_returns(rewards, dones, np.array([2.0, 0.0], np.float32), 0.5)
+    np.testing.assert_allclose(returns, t([[2.0, 3.0, 3.0, 5.5], [1.0, 1.5, 1.75, 1.875]]))
+    np.testing.assert_allclose(carried, [5.5, 0.0])
+
+
+def test_scale_rewards_divides_by_the_return_std_and_clips():
+    # Var[G] = 4 → std 2: 2 → 1, -30 → -15 → clipped to -10, 0.5 → 0.25
+    np.testing.assert_allclose(pc.scale_rewards(np.array([2.0, -30.0, 0.5]), 4.0, clip=10.0),
+                               [1.0, -10.0, 0.25], rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# GAE and the losses
+# ---------------------------------------------------------------------------------------------
+
+def test_gae_with_termination_and_truncation():
+    # γ = 0.9, λ = 0.5 (γλ = 0.45). Env 0 terminates at t=1 (its final state's value 9.0 must not
+    # be used); env 1 is truncated at t=1 and bootstraps from V(final obs) = 3.0.
+    rewards = t([[1.0, 1.0, 1.0], [0.5, 1.0, 2.0]])
+    values = t([[0.5, 0.4, 0.6], [1.0, 2.0, 0.2]])
+    next_values = t([[0.4, 9.0, 0.7], [2.0, 3.0, 0.1]])
+    terminations = t([[0, 1, 0], [0, 0, 0]]).astype(bool)
+    truncations = t([[0, 0, 0], [0, 1, 0]]).astype(bool)
+    adv, ret = pc.gae(rewards, values, next_values, terminations, truncations, 0.9, 0.5)
+    # Env 0: δ0 = 1 + 0.36 - 0.5 = 0.86, δ1 = 1 - 0.4 = 0.6 (terminal), δ2 = 1 + 0.63 - 0.6 = 1.03
+    #   A2 = 1.03, A1 = 0.6 (no chaining past the end), A0 = 0.86 + 0.45·0.6 = 1.13
+    # Env 1: δ0 = 0.5 + 1.8 - 1 = 1.3, δ1 = 1 + 2.7 - 2 = 1.7 (bootstrapped), δ2 = 2 + 0.09 - 0.2 = 1.89
+    #   A2 = 1.89, A1 = 1.7, A0 = 1.3 + 0.45·1.7 = 2.065
+    expected = t([[1.13, 0.6, 1.03], [2.065, 1.7, 1.89]])
+    np.testing.assert_allclose(adv, expected, rtol=1e-6)
+    np.testing.assert_allclose(ret, expected + values, rtol=1e-6)
+
+
+def test_clipped_surrogate_loss_by_hand():
+    # ε = 0.2: per sample min(r·A, clip(r, 0.8, 1.2)·A)
+    #   A = +2, r = 1.5 → min(3, 2.4) = 2.4;  A = -1, r = 0.5 → min(-0.5, -0.8) = -0.8;  A = 1, r = 1 → 1
+    # mean = (2.4 - 0.8 + 1)/3 = 0.8667, loss = -0.8667
+    loss = pc.clipped_surrogate_loss(torch.tensor([1.5, 0.5, 1.0]), torch.tensor([2.0, -1.0, 1.0]), 0.2)
+    assert loss.item() == pytest.approx(-2.6 / 3)
+
+
+def test_value_loss_unclipped_and_clipped():
+    new, old, returns = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 2.5]), torch.tensor([0.5, 0.0])
+    # ½·((1 - 0.5)² + (2 - 0)²)/2 = 1.0625; clipped: V_clip = (0.2, 2.3): ½·(0.25 + 5.29)/2 = 1.385
+    assert pc.value_loss(new, old, returns).item() == pytest.approx(1.0625)
+    assert pc.value_loss(new, old, returns, clip_coef=0.2).item() == pytest.approx(1.385)
+
+
+def test_approx_kl_and_explained_variance():
+    # log r = ±ln 2: E[-log r] = 0, E[(r - 1) - log r] = ((1 - ln 2) + (-0.5 + ln 2))/2 = 0.25
+    old, new = pc.approx_kl(torch.tensor([LN2, -LN2]))
+    assert (old.item(), new.item()) == pytest.approx((0.0, 0.25), abs=1e-7)
+    targets = torch.tensor([1.0, 2.0, 3.0])
+    assert pc.explained_variance(torch.full((3,), 2.0), targets) == pytest.approx(0.0)
+    torch.testing.assert_close(pc.normalize_advantages(targets), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# The rollout and a truncation's bootstrap from its normalised final observation
+# ---------------------------------------------------------------------------------------------
+
+class BoxCounter(gym.Env):
+    """obs = [steps taken this episode]; reward = that count; remembers the actions it was given."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self, terminate_at=100):
+        self.terminate_at, self.given = terminate_at, []
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.n = 0
+        return np.array([0.0], np.float32), {}
+
+    def step(self, action):
+        self.given.append(float(action[0]))
+        self.n += 1
+        return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
+
+
+def rows(x):
+    return np.asarray(x).reshape(x.shape[0], x.shape[1]).T.tolist()
+
+
+def counter_rollout():
+    # Env 0 is cut by a time limit after 2 steps; env 1 terminates after 3.
+    counters = [BoxCounter(), BoxCounter(terminate_at=3)]
+    envs = gym.vector.SyncVectorEnv([lambda: gym.wrappers.TimeLimit(counters[0], max_episode_steps=2),
+                                     lambda: counters[1]], autoreset_mode=AutoresetMode.SAME_STEP)
+    rollout = pc.Rollout.empty(4, 2, 1, 1)
+    obs, _ = envs.reset(seed=0)
+    # An action outside the space [-1, 1]: the env gets it clipped, the rollout keeps it as drawn.
+    pc.collect_rollout(envs, lambda o: np.full((len(o), 1), 5.0, np.float32), rollout, obs)
+    return rollout, counters
+
+
+def test_rollout_keeps_final_observations_and_the_unclipped_actions():
+    rollout, counters = counter_rollout()
+    # env 0: 0→1, 1→2 (truncated; reset to 0 in the same step), 0→1, 1→2 (truncated)
+    # env 1: 0→1, 1→2, 2→3 (terminated), 0→1
+    assert rows(rollout.obs) == [[0, 1, 0, 1], [0, 1, 2, 0]]
+    assert rows(rollout.next_obs) == [[1, 2, 1, 2], [1, 2, 3, 1]]
+    assert rows(rollout.truncations) == [[False, True, False, True], [False] * 4]
+    assert rows(rollout.terminations) == [[False] * 4, [False, False, True, False]]
+    assert (rollout.actions == 5.0).all()
+    assert counters[0].given == counters[1].given == [1.0] * 4
+
+
+def test_truncation_bootstraps_from_the_normalised_final_observation():
+    rollout, _ = counter_rollout()
+    rms = pc.RunningMeanStd((1,))
+    obs, next_obs = pc.normalise_batch(rollout, rms, 10.0)
+    # The batch's observations, step by step (env 0, env 1): (0, 0), (1, 1), (0, 2), (1, 0):
+    # sum 5, mean 0.625, E[x²] = 7/8, var = 0.875 - 0.390625 = 0.484375, std 0.695971 (the
+    # 1e-4 prior count aside). So 0 → -0.898027, 1 → 0.538816, 2 → 1.975659, 3 → 3.412502.
+    z = {0: -0.898027, 1: 0.538816, 2: 1.975659, 3: 3.412502}
+    np.testing.assert_allclose(rms.mean, [0.625], rtol=1e-4)
+    np.testing.assert_allclose(obs.ravel(), [z[v] for v in rollout.obs.ravel()], rtol=1e-4)
+    # The final observations (2 after env 0's truncations, 3 after env 1's termination) are
+    # standardised with the same statistics as every other observation.
+    np.testing.assert_allclose(next_obs.ravel(), [z[v] for v in rollout.next_obs.ravel()], rtol=1e-4)
+
+    # With a critic V(s) = s (on standardised s), γ = 0.9 and λ = 0, Â_t = δ_t:
+    #   env 0, t=1 (truncated): δ = 2 + 0.9·V(z(2)) - V(z(1)) = 2 + 1.778093 - 0.538816 = 3.239277
+    #   env 1, t=2 (terminated): δ = 3 - V(z(2)) = 3 - 1.975659 = 1.024341
+    values = obs.reshape(4, 2)
+    next_values = next_obs.reshape(4, 2)
+    adv, _ = pc.gae(rollout.rewards, values, next_values, rollout.terminations, rollout.truncations, 0.9, 0.0)
+    assert adv[1, 0] == pytest.approx(3.239277, rel=1e-4)
+    assert adv[2, 1] == pytest.approx(1.024341, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The script end to end
+# ---------------------------------------------------------------------------------------------
+
+SMALL = ["--total-timesteps", "1024", "--num-envs", "2", "--num-steps", "256", "--num-minibatches", "4",
+         "--update-epochs", "2"]
+TAGS = {"charts/episodic_return", "charts/episodic_length", "charts/learning_rate", "charts/SPS",
+        "losses/policy_loss", "losses/value_loss", "losses/entropy", "losses/approx_kl",
+        "losses/old_approx_kl", "losses/clipfrac", "losses/explained_variance"}
+
+
+@pytest.mark.parametrize("env_id", ["Pendulum-v1", "InvertedPendulum-v5"])  # classic control, MuJoCo
+def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
+    out = run_main(pc, tmp_path, capsys, "--env-id", env_id, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith(f"{env_id}__ppo_continuous__1__")
+    tags, texts = read_tags(run)
+    assert TAGS <= set(tags)
+    assert "|num_minibatches|4|" in texts["hyperparameters/text_summary"]
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["script"] == "ppo_continuous.py" and ckpt["global_step"] == 1024
+    obs_dim = gym.make(env_id).observation_space.shape[0]
+    assert ckpt["obs_rms"]["mean"].shape == (obs_dim,) and ckpt["obs_rms"]["count"] == pytest.approx(1024, abs=1)
+    assert ckpt["return_rms"]["var"] > 0
+
+    out = run_main(pc, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+                   "--eval-episodes", "3")
+    assert out.returncode == 0, out.stderr
+    assert "eval: 3 episodes" in out.stdout
+    (evals,) = [d for d in (tmp_path / "runs").iterdir() if "-eval__" in d.name]
+    assert len(read_tags(evals)[0]["eval/episodic_return"]) == 3
+
+
+class OffsetTarget(gym.Env):
+    """A one-step-at-a-time target: u ~ U(-1, 1), seen as obs = 100 + 10u; reward -(a - u)².
+
+    Useless unless standardised (a tanh network sees 90..110 as one saturated input), so a
+    policy evaluated without its training's statistics acts blindly: what users of CleanRL's
+    saved models saw. A random policy scores about -25 in its 20 steps, a perfect one 0.
+    """
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.u = self.np_random.uniform(-1, 1)
+        return np.array([100 + 10 * self.u], np.float32), {}
+
+    def step(self, action):
+        reward = -float((action[0] - self.u) ** 2)
+        self.u = self.np_random.uniform(-1, 1)
+        return np.array([100 + 10 * self.u], np.float32), reward, False, False, {}
+
+
+gym.register("OffsetTarget-v0", entry_point=OffsetTarget, max_episode_steps=20)
+
+
+def eval_return(out):
+    return float(out.stdout.split("return ")[1].split(" ±")[0])
+
+
+def test_a_trained_then_evaluated_policy_scores_as_in_training(tmp_path, capsys):
+    out = run_main(pc, tmp_path, capsys, "--env-id", "OffsetTarget-v0", "--num-envs", "4", "--num-steps", "64",
+                   "--num-minibatches", "4", "--learning-rate", "3e-3", "--total-timesteps", "6144", "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    trained = np.mean(read_tags(run)[0]["charts/episodic_return"][-20:])
+    assert trained > -5, trained  # it learned: random is about -25
+
+    out = run_main(pc, tmp_path, capsys, "--env-id", "OffsetTarget-v0", "--eval-checkpoint", str(run / "model.pt"))
+    assert out.returncode == 0, out.stderr
+    # The deterministic mean scores at least as well as the noisy training policy (to 1 point).
+    assert eval_return(out) > trained - 1.0, (eval_return(out), trained)
+
+    # The same weights without the statistics, as CleanRL saves them: near random, or worse.
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    ckpt["obs_rms"], ckpt["args"]["norm_obs"] = None, False
+    torch.save(ckpt, tmp_path / "no_stats.pt")
+    out = run_main(pc, tmp_path, capsys, "--env-id", "OffsetTarget-v0", "--eval-checkpoint", str(tmp_path / "no_stats.pt"))
+    assert out.returncode == 0, out.stderr
+    assert eval_return(out) < -5, eval_return(out)
+
+
+def test_same_seed_same_returns(tmp_path):
+    returns = []
+    for i in range(2):
+        out = run_script("ppo_continuous.py", tmp_path / str(i), "--env-id", "Pendulum-v1", *SMALL,
+                         "--total-timesteps", "2048", "--seed", "7")
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / str(i) / "runs").iterdir()
+        returns.append(read_tags(run)[0]["charts/episodic_return"])
+    assert len(returns[0]) >= 8
+    assert returns[0] == returns[1]
+
+
+@pytest.mark.parametrize("argv, fragments", [
+    (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
+    (["--env-id", "CartPole-v1"], ["Discrete", "ppo.py"]),
+    (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], ["does not divide", "15"]),
+    (["--num-envs", "0"], ["--num-envs must be positive"]),
+    (["--update-epochs", "-1"], ["--update-epochs must be positive"]),
+    (["--total-timesteps", "10"], ["less than one batch"]),
+    (["--obs-clip", "0"], ["--obs-clip"]),
+    (["--eval-checkpoint", "no/such/model.pt"], ["no checkpoint at no/such/model.pt"]),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
+    one_line_error(run_main(pc, tmp_path, capsys, *argv), "ppo_continuous.py", *fragments)
+
+
+def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
+    one_line_error(run_script("ppo_continuous.py", tmp_path, "--env-id", "CartPole-v1"), "ppo_continuous.py", "ppo.py")
+
+
+def test_checkpoint_errors(tmp_path, capsys):
+    script = "ppo_continuous.py"
+    foreign = tmp_path / "ppo.pt"
+    torch.save({"script": "ppo.py", "model": {}}, foreign)
+    one_line_error(run_main(pc, tmp_path, capsys, "--eval-checkpoint", str(foreign)), script, "written by ppo.py")
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint")
+    one_line_error(run_main(pc, tmp_path, capsys, "--eval-checkpoint", str(garbage)), script, "not a checkpoint")
+    incomplete = tmp_path / "incomplete.pt"
+    torch.save({"script": script}, incomplete)
+    one_line_error(run_main(pc, tmp_path, capsys, "--eval-checkpoint", str(incomplete)), script,
+                   "incomplete ppo_continuous.py checkpoint", "model")
+
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    model = str(run / "model.pt")
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "InvertedPendulum-v5", "--eval-checkpoint", model),
+                   script, "trained on Pendulum-v1", "--env-id Pendulum-v1")
+    ckpt = torch.load(model, weights_only=True)
+    torch.save({**ckpt, "obs_rms": None}, tmp_path / "no_stats.pt")
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint",
+                            str(tmp_path / "no_stats.pt")), script, "no statistics")
+    torch.save({**ckpt, "model": {"some.layer": torch.zeros(3)}}, tmp_path / "misshapen.pt")
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint",
+                            str(tmp_path / "misshapen.pt")), script, "weights do not fit")
+
+
+def test_capture_video_without_moviepy(tmp_path, capsys):
+    try:
+        import moviepy  # noqa: F401
+        pytest.skip("moviepy is installed")
+    except ImportError:
+        pass
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--capture-video"),
+                   "ppo_continuous.py", "moviepy")
+
+
+def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(tmp_path, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--cuda")
+    assert out.returncode == 0
+    assert out.stderr.count("warning") == 1 and "running on the CPU" in out.stderr
+
+
+def test_ctrl_c_saves_model_statistics_and_logs(tmp_path):
+    out = interrupt_script("ppo_continuous.py", tmp_path, "--env-id", "Pendulum-v1", "--total-timesteps", "10000000",
+                           "--num-steps", "256", "--save-model")
+    assert out.returncode == 130, out.stderr
+    assert "Traceback" not in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run / "model.pt", weights_only=True)["obs_rms"]["count"] >= 256
+    assert read_tags(run)[0]["charts/SPS"]
+
+
+def test_non_finite_loss_stops_and_saves(tmp_path, capsys):
+    # An absurd learning rate blows the weights up until the loss is NaN.
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--total-timesteps", "10240",
+                   "--learning-rate", "1e30", "--save-model")
+    assert out.returncode == 1, out.stderr
+    assert "NaN or infinite at step" in out.stderr and "Traceback" not in out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    model = torch.load(run / "model.pt", weights_only=True)["model"]
+    assert all(torch.isfinite(v).all() for v in model.values())
