@@ -92,6 +92,8 @@ class Args:
     """toggles dividing rewards by the running std of the discounted return (clipped to +-reward-clip)"""
     reward_clip: float = 10.0
     """the bound of the scaled rewards"""
+    log_std_init: float = 0.0
+    """the initial log σ of the Gaussian policy, in every action dimension (SB3's `log_std_init`)"""
 
     eval_checkpoint: Optional[str] = None
     """evaluate this saved model (deterministic policy: the Gaussian's mean) instead of training"""
@@ -269,20 +271,20 @@ class Agent(nn.Module):
     """Separate 64-64 tanh MLPs: the actor gives the mean μ_θ(s), the critic V(s); log σ is a
     learned vector of its own, the same in every state (as in the PPO paper)."""
 
-    def __init__(self, obs_dim: int, action_dim: int):
+    def __init__(self, obs_dim: int, action_dim: int, log_std_init: float = 0.0):
         super().__init__()
         self.critic = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 1), std=1.0),
         )
-        # A small last layer starts every mean near 0, so early actions are σ = 1 noise around it.
+        # A small last layer starts every mean near 0, so early actions are σ noise around it.
         self.actor_mean = nn.Sequential(
             layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, action_dim), std=0.01),
         )
-        self.actor_logstd = nn.Parameter(torch.zeros(1, action_dim))
+        self.actor_logstd = nn.Parameter(torch.full((1, action_dim), log_std_init))
 
     def get_value(self, x: torch.Tensor) -> torch.Tensor:
         return self.critic(x).squeeze(-1)
@@ -540,7 +542,7 @@ def train(args: Args) -> None:
 
     envs = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
-    agent = Agent(obs_dim, action_dim).to(device)
+    agent = Agent(obs_dim, action_dim, args.log_std_init).to(device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))
     obs_rms = RunningMeanStd((obs_dim,)) if args.norm_obs else None

@@ -56,6 +56,14 @@ def test_agent_starts_with_unit_noise_around_a_near_zero_mean():
     torch.testing.assert_close(entropy, torch.full((4,), 1 + LOG_2PI))
 
 
+def test_log_std_init_sets_the_first_policy_spread():
+    # log σ = -1 in 1-d: entropy ½ + ½ln2π - 1 = 0.418939; log N(μ; μ, σ²) = 1 - ½ln2π = 0.081061
+    agent = pc.Agent(3, 1, log_std_init=-1.0)
+    _, logprob, entropy, _ = agent.get_action_and_value(torch.zeros(1, 3), torch.zeros(1, 1))
+    assert entropy.item() == pytest.approx(0.418939, abs=1e-6)
+    assert logprob.item() == pytest.approx(0.081061, abs=1e-3)  # μ ≈ 0 (a small last layer)
+
+
 def test_numpy_policy_matches_the_torch_actor_and_samples_its_gaussian():
     agent = pc.Agent(4, 2)
     with torch.no_grad():
