@@ -99,6 +99,8 @@ class Args:
     """evaluate this saved model (deterministic policy: the Gaussian's mean) instead of training"""
     eval_episodes: int = 10
     """the number of episodes to evaluate a saved model for"""
+    eval_deterministic: bool = True
+    """evaluate the Gaussian's mean (on) or sample actions from it as in training (off; SB3's `deterministic`)"""
 
 
 class UserError(Exception):
@@ -680,7 +682,7 @@ def train(args: Args) -> None:
 
 
 def evaluate(args: Args) -> None:
-    """Run the deterministic policy (the Gaussian's mean) of a saved model; train nothing.
+    """Run the policy of a saved model (the Gaussian's mean, unless told to sample); train nothing.
 
     Observations are standardised with the statistics saved in the checkpoint, frozen: the
     policy learned on standardised inputs, and without them it acts all but at random.
@@ -697,13 +699,15 @@ def evaluate(args: Args) -> None:
     except RuntimeError:  # same script and spaces, other layer shapes (another version of it)
         raise UserError(f"{args.eval_checkpoint}'s weights do not fit this {SCRIPT}'s network") from None
     obs_rms = ckpt["obs_rms"] and RunningMeanStd.from_state(ckpt["obs_rms"])
-    policy = NumpyPolicy(agent, obs_rms, ckpt["args"].get("obs_clip", args.obs_clip))
+    policy = NumpyPolicy(agent, obs_rms, ckpt["args"].get("obs_clip", args.obs_clip),
+                         np.random.default_rng(args.seed))
+    act = policy.mean if args.eval_deterministic else policy
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
     returns = np.full(args.eval_episodes, np.nan)
     obs, _ = envs.reset(seed=args.seed)
     while np.isnan(returns).any():
-        obs, _, _, _, info = envs.step(np.clip(policy.mean(obs), low, high))
+        obs, _, _, _, info = envs.step(np.clip(act(obs), low, high))
         if "_episode" in info:
             first = info["_episode"] & np.isnan(returns)
             returns[first] = info["episode"]["r"][first]
@@ -715,7 +719,8 @@ def evaluate(args: Args) -> None:
     for i, r in enumerate(returns):
         writer.add_scalar("eval/episodic_return", r, i)
     writer.close()
-    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
+    how = "the mean action" if args.eval_deterministic else "sampled actions"
+    print(f"eval: {args.eval_episodes} episodes of {args.env_id} ({how}): "
           f"return {returns.mean():.2f} ± {returns.std():.2f}")
 
 

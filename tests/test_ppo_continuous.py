@@ -324,10 +324,18 @@ def test_a_trained_then_evaluated_policy_scores_as_in_training(tmp_path, capsys)
     trained = np.mean(read_tags(run)[0]["charts/episodic_return"][-20:])
     assert trained > -5, trained  # it learned: random is about -25
 
-    out = run_main(pc, tmp_path, capsys, "--env-id", "OffsetTarget-v0", "--eval-checkpoint", str(run / "model.pt"))
-    assert out.returncode == 0, out.stderr
+    deterministic = run_main(pc, tmp_path, capsys, "--env-id", "OffsetTarget-v0", "--eval-checkpoint",
+                             str(run / "model.pt"))
+    assert deterministic.returncode == 0, deterministic.stderr
+    assert "(the mean action)" in deterministic.stdout
     # The deterministic mean scores at least as well as the noisy training policy (to 1 point).
-    assert eval_return(out) > trained - 1.0, (eval_return(out), trained)
+    assert eval_return(deterministic) > trained - 1.0, (eval_return(deterministic), trained)
+
+    # Sampling as in training costs the noise, (a - μ)² = σ² a step: it scores below the mean action.
+    out = run_main(pc, tmp_path, capsys, "--env-id", "OffsetTarget-v0", "--eval-checkpoint", str(run / "model.pt"),
+                   "--no-eval-deterministic")
+    assert "(sampled actions)" in out.stdout
+    assert trained - 3.0 < eval_return(out) < eval_return(deterministic), (eval_return(out), trained)
 
     # The same weights without the statistics, as CleanRL saves them: near random, or worse.
     ckpt = torch.load(run / "model.pt", weights_only=True)
