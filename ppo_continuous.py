@@ -92,8 +92,8 @@ class Args:
     """toggles dividing rewards by the running std of the discounted return (clipped to +-reward-clip)"""
     reward_clip: float = 10.0
     """the bound of the scaled rewards"""
-    log_std_init: float = 0.0
-    """the initial log σ of the Gaussian policy, in every action dimension (SB3's `log_std_init`)"""
+    log_std_init: float = -0.7
+    """the initial log σ of the Gaussian, every action dimension (SB3's `log_std_init`; the PPO paper's: 0; see README)"""
 
     eval_checkpoint: Optional[str] = None
     """evaluate this saved model (deterministic policy: the Gaussian's mean) instead of training"""
