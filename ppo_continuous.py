@@ -315,7 +315,7 @@ class NumpyPolicy:
 
     def mean(self, obs: np.ndarray) -> np.ndarray:
         """μ_θ(s): the deterministic policy, used to evaluate a saved model."""
-        x = obs.astype(np.float32)
+        x = obs.astype(np.float32, copy=False)  # no copy in the rollout: already float32
         if self.obs_rms is not None:
             x = normalize_observations(x, self.obs_rms.mean, self.obs_rms.var, self.obs_clip)
         for i, (weight, bias) in enumerate(self.layers):
@@ -384,7 +384,7 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, on_episode=
     return obs
 
 
-def normalise_batch(rollout: Rollout, obs_rms: Optional[RunningMeanStd],
+def normalize_batch(rollout: Rollout, obs_rms: Optional[RunningMeanStd],
                     obs_clip: float) -> tuple[np.ndarray, np.ndarray]:
     """The batch's observations and the states they led to, (T·N, d) each, standardised alike.
 
@@ -587,9 +587,9 @@ def train(args: Args) -> None:
                 obs = collect_rollout(envs, policy, rollout, obs, on_episode)
                 global_step += batch_size
 
-                # 2. Normalise the batch with one set of statistics (see `normalise_batch`).
-                norm_obs, norm_next_obs = normalise_batch(rollout, obs_rms, args.obs_clip)
-                b_obs = torch.from_numpy(norm_obs).to(device)
+                # 2. Normalise the batch with one set of statistics (see `normalize_batch`).
+                batch_obs, batch_next_obs = normalize_batch(rollout, obs_rms, args.obs_clip)
+                b_obs = torch.from_numpy(batch_obs).to(device)
                 # Rewards are scaled so that returns, and the critic's targets, keep a scale of
                 # about one whatever the env's units; the policy never sees them, so the scale
                 # may take in this batch before it is applied to it.
@@ -603,7 +603,7 @@ def train(args: Args) -> None:
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1, action_dim)).to(device)
                 _, b_logprobs, _, b_values = agent.get_action_and_value(b_obs, b_actions)
                 values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
-                next_values = agent.get_value(torch.from_numpy(norm_next_obs).to(device)).cpu().numpy()
+                next_values = agent.get_value(torch.from_numpy(batch_next_obs).to(device)).cpu().numpy()
                 next_values = next_values.reshape(args.num_steps, args.num_envs)
 
             # 3. The advantage estimate Â_t.
@@ -688,12 +688,12 @@ def evaluate(args: Args) -> None:
     policy learned on standardised inputs, and without them it acts all but at random.
     """
     check_args(args)
-    device = select_device(args)
+    select_device(args)  # only to warn about a missing GPU: evaluation acts in numpy
     seed_everything(args)
     # One env per episode, so short episodes are not over-represented in the mean.
     envs = make_envs(args.env_id, args.eval_episodes, args.seed)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
-    agent = Agent(*space_signature(envs).values()).to(device)
+    agent = Agent(envs.single_observation_space.shape[0], envs.single_action_space.shape[0])
     try:
         agent.load_state_dict(ckpt["model"])
     except RuntimeError:  # same script and spaces, other layer shapes (another version of it)

@@ -232,7 +232,7 @@ def test_rollout_keeps_final_observations_and_the_unclipped_actions():
 def test_truncation_bootstraps_from_the_normalised_final_observation():
     rollout, _ = counter_rollout()
     rms = pc.RunningMeanStd((1,))
-    obs, next_obs = pc.normalise_batch(rollout, rms, 10.0)
+    obs, next_obs = pc.normalize_batch(rollout, rms, 10.0)
     # The batch's observations, step by step (env 0, env 1): (0, 0), (1, 1), (0, 2), (1, 0):
     # sum 5, mean 0.625, E[x²] = 7/8, var = 0.875 - 0.390625 = 0.484375, std 0.695971 (the
     # 1e-4 prior count aside). So 0 → -0.898027, 1 → 0.538816, 2 → 1.975659, 3 → 3.412502.
