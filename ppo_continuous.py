@@ -74,8 +74,8 @@ class Args:
     """toggles advantage normalisation (per minibatch)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon"""
-    clip_vloss: bool = True
-    """toggles whether or not to use a clipped loss for the value function"""
+    clip_vloss: bool = False
+    """toggles the clipped value loss (the PPO paper and CleanRL: on; off measured better, see README)"""
     ent_coef: float = 0.0
     """coefficient of the entropy bonus"""
     vf_coef: float = 0.5
@@ -92,7 +92,7 @@ class Args:
     """toggles dividing rewards by the running std of the discounted return (clipped to +-reward-clip)"""
     reward_clip: float = 10.0
     """the bound of the scaled rewards"""
-    log_std_init: float = -0.7
+    log_std_init: float = -0.5
     """the initial log σ of the Gaussian, every action dimension (SB3's `log_std_init`; the PPO paper's: 0; see README)"""
 
     eval_checkpoint: Optional[str] = None
