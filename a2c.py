@@ -22,6 +22,7 @@ limit) bootstraps from V(final observation), a terminated one does not.
 import importlib.util
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -504,6 +505,25 @@ class StatusLine:
 LOG_EVERY = 100
 
 
+class StopRequest:
+    """Ctrl-C asks training to stop at the next iteration; a second Ctrl-C stops at once.
+
+    A KeyboardInterrupt raised wherever Ctrl-C lands can land inside TensorBoard's writer queue
+    and lose the wake-up of its thread, and closing the writer then hangs for up to two minutes.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def train(args: Args) -> None:
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -546,8 +566,11 @@ def train(args: Args) -> None:
     obs, _ = envs.reset(seed=args.seed)
     after_done = np.zeros(args.num_envs, bool)
     start_time = time.time()
+    ctrl_c = StopRequest()
     try:
         for update in range(1, num_updates + 1):
+            if ctrl_c.requested:  # Ctrl-C was pressed: stop here, between two iterations
+                raise KeyboardInterrupt
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.learning_rate
 
@@ -610,6 +633,8 @@ def train(args: Args) -> None:
         print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
               "stopped before applying it", file=sys.stderr)
         sys.exit(1)
+    finally:
+        ctrl_c.restore()
     writer.close()
     envs.close()
 

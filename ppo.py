@@ -16,6 +16,7 @@ whichever autoreset mode the vector env uses (see `collect_rollout`).
 import importlib.util
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -446,6 +447,25 @@ class StatusLine:
             print()
 
 
+class StopRequest:
+    """Ctrl-C asks training to stop at the next iteration; a second Ctrl-C stops at once.
+
+    A KeyboardInterrupt raised wherever Ctrl-C lands can land inside TensorBoard's writer queue
+    and lose the wake-up of its thread, and closing the writer then hangs for up to two minutes.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def train(args: Args) -> None:
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -484,8 +504,11 @@ def train(args: Args) -> None:
     obs, _ = envs.reset(seed=args.seed)
     after_done = np.zeros(args.num_envs, bool)
     start_time = time.time()
+    ctrl_c = StopRequest()
     try:
         for iteration in range(1, num_iterations + 1):
+            if ctrl_c.requested:  # Ctrl-C was pressed: stop here, between two iterations
+                raise KeyboardInterrupt
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
@@ -574,6 +597,8 @@ def train(args: Args) -> None:
         print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
               "stopped before applying it", file=sys.stderr)
         sys.exit(1)
+    finally:
+        ctrl_c.restore()
     writer.close()
     envs.close()
 

@@ -19,6 +19,7 @@ deliberately (see `discounted_returns` and `collect_episodes`).
 import importlib.util
 import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -400,6 +401,25 @@ class StatusLine:
             print()
 
 
+class StopRequest:
+    """Ctrl-C asks training to stop at the next iteration; a second Ctrl-C stops at once.
+
+    A KeyboardInterrupt raised wherever Ctrl-C lands can land inside TensorBoard's writer queue
+    and lose the wake-up of its thread, and closing the writer then hangs for up to two minutes.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
 def train(args: Args) -> None:
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -432,8 +452,11 @@ def train(args: Args) -> None:
 
     start_time = time.time()
     first_batch = True
+    ctrl_c = StopRequest()
     try:
         while global_step < args.total_timesteps:
+            if ctrl_c.requested:  # Ctrl-C was pressed: stop here, between two iterations
+                raise KeyboardInterrupt
             # 1. Sample N complete episodes from π_θ (an env's first reset is seeded).
             batch = collect_episodes(envs, NumpyPolicy(policy, rng),
                                      args.episodes_per_update // args.num_envs,
@@ -481,6 +504,8 @@ def train(args: Args) -> None:
         print(f"{SCRIPT}: error: the loss became NaN or infinite at step {global_step}; "
               "stopped before applying it", file=sys.stderr)
         sys.exit(1)
+    finally:
+        ctrl_c.restore()
     writer.close()
     envs.close()
 

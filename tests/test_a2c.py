@@ -1,6 +1,9 @@
 """Tests of a2c.py: n-step returns and each loss term against numbers worked out by hand, the
 signs of the combined loss, the rollout's episode boundaries, and the script end to end."""
 
+import os
+import signal
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -262,6 +265,19 @@ def test_checkpoint_errors(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(a2c, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "a2c.py", "trained on CartPole-v1", "--env-id CartPole-v1")
+
+
+def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    stop = a2c.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: training goes on to a safe point
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_saves_model_and_logs(tmp_path):

@@ -2,6 +2,8 @@
 boundaries in both autoreset modes, and the script end to end (smoke, errors, seeds)."""
 
 import math
+import os
+import signal
 
 import gymnasium as gym
 import numpy as np
@@ -324,6 +326,19 @@ def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(tmp_path, capsys):
     out = run_main(ppo, tmp_path, capsys, *SMALL, "--cuda")
     assert out.returncode == 0
     assert out.stderr.count("warning") == 1 and "running on the CPU" in out.stderr
+
+
+def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    stop = ppo.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: training goes on to a safe point
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_saves_model_and_logs(tmp_path):

@@ -2,6 +2,8 @@
 numbers worked out by hand; the episode batching in both autoreset modes; the script end to end."""
 
 import math
+import os
+import signal
 
 import gymnasium as gym
 import numpy as np
@@ -238,6 +240,19 @@ def test_checkpoint_errors(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(reinforce, tmp_path, capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "reinforce.py", "trained on CartPole-v1", "--env-id CartPole-v1")
+
+
+def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    stop = reinforce.StopRequest()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # the first: training goes on to a safe point
+        assert stop.requested
+        with pytest.raises(KeyboardInterrupt):  # the second: at once
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_saves_model_and_logs(tmp_path):
