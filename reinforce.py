@@ -410,7 +410,9 @@ class StopRequest:
 
     def __init__(self):
         self.requested = False
-        self.previous = signal.signal(signal.SIGINT, self._request)
+        self.previous = signal.getsignal(signal.SIGINT)
+        if self.previous is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: so do we
+            signal.signal(signal.SIGINT, self._request)
 
     def _request(self, signum, frame):
         self.requested = True

@@ -255,6 +255,18 @@ def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_an_ignored_ctrl_c_stays_ignored():
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job of a shell script
+    try:
+        stop = reinforce.StopRequest()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert not stop.requested and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        stop.restore()
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_ctrl_c_saves_model_and_logs(tmp_path):
     out = interrupt_script("reinforce.py", tmp_path, "--total-timesteps", "10000000", "--save-model")
     assert out.returncode == 130, out.stderr
