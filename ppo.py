@@ -352,6 +352,12 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
     return 0.5 * torch.max(unclipped, (v_clipped - returns) ** 2).mean()
 
 
+def ppo_loss(clip_loss: torch.Tensor, entropy: torch.Tensor, v_loss: torch.Tensor, ent_coef: float,
+             vf_coef: float) -> torch.Tensor:
+    """L = -L^CLIP - c_e H + c_v L^V: the PPO paper's objective L^CLIP - c_1 L^VF + c_2 S, negated to descend."""
+    return clip_loss - ent_coef * entropy + vf_coef * v_loss
+
+
 def approx_kl(logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Estimates of KL(π_θold, π_θ) from log r = log π_θ - log π_θold: (E[-log r], E[(r-1) - log r])."""
     return (-logratio).mean(), ((logratio.exp() - 1) - logratio).mean()
@@ -553,7 +559,7 @@ def train(args: Args) -> None:
                     v_loss = value_loss(newvalue, b_values[mb], b_returns[mb],
                                         args.clip_coef if args.clip_vloss else None)
                     entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+                    loss = ppo_loss(pg_loss, entropy_loss, v_loss, args.ent_coef, args.vf_coef)
 
                     optimizer.zero_grad()
                     loss.backward()

@@ -389,16 +389,18 @@ def normalize_batch(rollout: Rollout, obs_rms: Optional[RunningMeanStd],
                     obs_clip: float) -> tuple[np.ndarray, np.ndarray]:
     """The batch's observations and the states they led to, (T·N, d) each, standardised alike.
 
-    The statistics first take in the batch's observations; then one mean and variance
-    standardise every observation of it, the final observations that truncations bootstrap
-    from included, and the next rollout acts with the same ones the update trained on.
+    Standardised with the statistics the rollout acted with, so that log π_θold(a|s) below is
+    the log-probability under the policy that chose a; the final observations truncations
+    bootstrap from get the same ones. Only then do the statistics take in the batch, for the
+    next rollout.
     """
     obs, next_obs = (x.reshape(-1, x.shape[-1]) for x in (rollout.obs, rollout.next_obs))
     if obs_rms is None:
         return obs, next_obs
+    normalized = (normalize_observations(obs, obs_rms.mean, obs_rms.var, obs_clip),
+                  normalize_observations(next_obs, obs_rms.mean, obs_rms.var, obs_clip))
     obs_rms.update(obs)
-    return (normalize_observations(obs, obs_rms.mean, obs_rms.var, obs_clip),
-            normalize_observations(next_obs, obs_rms.mean, obs_rms.var, obs_clip))
+    return normalized
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,7 +422,7 @@ def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, termin
     for t in reversed(range(deltas.shape[0])):
         running = deltas[t] + gamma * gae_lambda * continues[t] * running
         advantages[t] = running
-    return advantages, (advantages + values).astype(np.float32)
+    return advantages.astype(np.float32), (advantages + values).astype(np.float32)
 
 
 def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -443,6 +445,12 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
         return 0.5 * unclipped.mean()
     v_clipped = old_values + torch.clamp(new_values - old_values, -clip_coef, clip_coef)
     return 0.5 * torch.max(unclipped, (v_clipped - returns) ** 2).mean()
+
+
+def ppo_loss(clip_loss: torch.Tensor, entropy: torch.Tensor, v_loss: torch.Tensor, ent_coef: float,
+             vf_coef: float) -> torch.Tensor:
+    """L = -L^CLIP - c_e H + c_v L^V: the PPO paper's objective L^CLIP - c_1 L^VF + c_2 S, negated to descend."""
+    return clip_loss - ent_coef * entropy + vf_coef * v_loss
 
 
 def approx_kl(logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -657,7 +665,7 @@ def train(args: Args) -> None:
                     v_loss = value_loss(newvalue, b_values[mb], b_returns[mb],
                                         args.clip_coef if args.clip_vloss else None)
                     entropy_loss = entropy.mean()
-                    loss = pg_loss - args.ent_coef * entropy_loss + args.vf_coef * v_loss
+                    loss = ppo_loss(pg_loss, entropy_loss, v_loss, args.ent_coef, args.vf_coef)
 
                     optimizer.zero_grad()
                     loss.backward()

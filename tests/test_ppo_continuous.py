@@ -233,26 +233,32 @@ def test_rollout_keeps_final_observations_and_the_unclipped_actions():
 
 def test_truncation_bootstraps_from_the_normalised_final_observation():
     rollout, _ = counter_rollout()
+    # The statistics the rollout acted with: mean 1, variance 4 (std 2), from 100 observations.
     rms = pc.RunningMeanStd((1,))
+    rms.mean, rms.var, rms.count = np.array([1.0]), np.array([4.0]), 100.0
     obs, next_obs = pc.normalize_batch(rollout, rms, 10.0)
-    # The batch's observations, step by step (env 0, env 1): (0, 0), (1, 1), (0, 2), (1, 0):
-    # sum 5, mean 0.625, E[x²] = 7/8, var = 0.875 - 0.390625 = 0.484375, std 0.695971 (the
-    # 1e-4 prior count aside). So 0 → -0.898027, 1 → 0.538816, 2 → 1.975659, 3 → 3.412502.
-    z = {0: -0.898027, 1: 0.538816, 2: 1.975659, 3: 3.412502}
-    np.testing.assert_allclose(rms.mean, [0.625], rtol=1e-4)
-    np.testing.assert_allclose(obs.ravel(), [z[v] for v in rollout.obs.ravel()], rtol=1e-4)
-    # The final observations (2 after env 0's truncations, 3 after env 1's termination) are
-    # standardised with the same statistics as every other observation.
-    np.testing.assert_allclose(next_obs.ravel(), [z[v] for v in rollout.next_obs.ravel()], rtol=1e-4)
+    # Every observation is standardised with those, (s - 1) / 2, not with statistics that
+    # already include the batch: 0 → -0.5, 1 → 0, 2 → 0.5, 3 → 1.
+    z = {0: -0.5, 1: 0.0, 2: 0.5, 3: 1.0}
+    np.testing.assert_allclose(obs.ravel(), [z[v] for v in rollout.obs.ravel()], rtol=1e-6)
+    # The final observations (2 after env 0's truncations, 3 after env 1's termination) too.
+    np.testing.assert_allclose(next_obs.ravel(), [z[v] for v in rollout.next_obs.ravel()], rtol=1e-6)
+    # Then the statistics take in the batch, (0, 0), (1, 1), (0, 2), (1, 0): mean 0.625 over 8.
+    # δ = 0.625 - 1 = -0.375, n = 108: μ = 1 - 0.375·8/108 = 0.972222;
+    # σ² = (100·4 + 8·0.484375 + 0.140625·100·8/108) / 108 = (400 + 3.875 + 1.041667) / 108 = 3.749228.
+    np.testing.assert_allclose(rms.mean, [0.972222], rtol=1e-5)
+    np.testing.assert_allclose(rms.var, [3.749228], rtol=1e-5)
+    assert rms.count == 108
 
     # With a critic V(s) = s (on standardised s), γ = 0.9 and λ = 0, Â_t = δ_t:
-    #   env 0, t=1 (truncated): δ = 2 + 0.9·V(z(2)) - V(z(1)) = 2 + 1.778093 - 0.538816 = 3.239277
-    #   env 1, t=2 (terminated): δ = 3 - V(z(2)) = 3 - 1.975659 = 1.024341
+    #   env 0, t=1 (truncated): δ = 2 + 0.9·V(z(2)) - V(z(1)) = 2 + 0.45 - 0 = 2.45
+    #   env 1, t=2 (terminated): δ = 3 - V(z(2)) = 3 - 0.5 = 2.5
     values = obs.reshape(4, 2)
     next_values = next_obs.reshape(4, 2)
-    adv, _ = pc.gae(rollout.rewards, values, next_values, rollout.terminations, rollout.truncations, 0.9, 0.0)
-    assert adv[1, 0] == pytest.approx(3.239277, rel=1e-4)
-    assert adv[2, 1] == pytest.approx(1.024341, rel=1e-4)
+    adv, returns = pc.gae(rollout.rewards, values, next_values, rollout.terminations, rollout.truncations, 0.9, 0.0)
+    assert adv[1, 0] == pytest.approx(2.45, rel=1e-6)
+    assert adv[2, 1] == pytest.approx(2.5, rel=1e-6)
+    assert adv.dtype == returns.dtype == np.float32
 
 
 # ---------------------------------------------------------------------------------------------
