@@ -230,7 +230,7 @@ def test_numpy_policy_matches_the_torch_actor():
 def test_agent_log_prob_and_value_shapes():
     agent = ppo.Agent(4, 2)
     obs, actions = torch.zeros(3, 4), torch.tensor([0, 1, 1])
-    _, logprob, entropy, value = agent.get_action_and_value(obs, actions)
+    logprob, entropy, value = agent.evaluate_actions(obs, actions)
     assert logprob.shape == entropy.shape == value.shape == (3,)
     # The actor's last layer starts tiny, so the first policy is near uniform.
     torch.testing.assert_close(logprob, torch.full((3,), math.log(0.5)), atol=1e-2, rtol=0)
