@@ -20,8 +20,9 @@ def run_script(script, cwd, *argv, timeout=240):
                           text=True, timeout=timeout)
 
 
-def interrupt_script(script, cwd, *argv, timeout=120):
-    """Start a run, wait until it has logged charts/SPS (a training iteration), then Ctrl-C it."""
+def interrupt_script(script, cwd, *argv, timeout=120, signum=signal.SIGINT):
+    """Start a run, wait until it has logged charts/SPS (a training iteration), then Ctrl-C it
+    (or send it `signum`: SIGTERM is what `kill`, `timeout` and cluster schedulers send)."""
     os.makedirs(cwd, exist_ok=True)
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=cwd, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -31,9 +32,16 @@ def interrupt_script(script, cwd, *argv, timeout=120):
         if events and b"charts/SPS" in events[0].read_bytes():  # tag names are stored as text
             break
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def make_runs_unwritable(cwd):
+    """A file where the runs/ directory should go: no run directory can be made there. (A
+    read-only directory would not do: the tests may run as root, who writes anywhere.)"""
+    os.makedirs(cwd, exist_ok=True)
+    (Path(cwd) / "runs").write_text("not a directory")
 
 
 def read_tags(run_dir):
@@ -90,3 +98,66 @@ class Counter(gym.Env):
     def step(self, action):
         self.n += 1
         return np.array([self.n], np.float32), float(self.n), self.n == self.terminate_at, False, {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny envs with a known answer: a learner that is broken does not learn them
+# ---------------------------------------------------------------------------------------------
+
+def one_hot(s):
+    x = np.zeros(2, np.float32)
+    x[s] = 1.0
+    return x
+
+
+class Bandit(gym.Env):
+    """A one-step contextual bandit: the state s is 0 or 1 at random, seen one-hot; action a = s
+    pays 1, the other action 0; every episode ends after its one step. The answer is known:
+    π(a = s | s) = 1, a return of 1; a uniform policy scores 0.5, a sign-flipped learner 0."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Discrete(2)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.s = int(self.np_random.integers(2))
+        return one_hot(self.s), {}
+
+    def step(self, action):
+        return one_hot(self.s), float(int(action) == self.s), True, False, {}
+
+
+class NextStepBandit(gym.vector.VectorEnv):
+    """N Bandits in one vector env that autoresets NEXT_STEP, as Gymnasium's native CartPole does:
+    the step after an episode's end is a reset step, whose action the env ignores. Here the reset
+    step pays 2 for the wrong action (a ≠ s of the episode that ended, whose one-hot it was given)
+    and 0 for the right one. Learned from, reset steps make the wrong action look better (2·½
+    against 1·½): only a learner that leaves them out, as it must, learns π(a = s | s) → 1.
+    Episode statistics count real steps only (RecordEpisodeStatistics skips reset steps)."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self, num_envs=1, **kwargs):
+        self.num_envs = num_envs
+        self.single_observation_space, self.single_action_space = Bandit.observation_space, Bandit.action_space
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, num_envs)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, num_envs)
+
+    def reset(self, seed=None, options=None):
+        self.rng = np.random.default_rng(seed)
+        self.s = self.rng.integers(2, size=self.num_envs)
+        self.reset_next = np.zeros(self.num_envs, bool)
+        return np.stack([one_hot(s) for s in self.s]), {}
+
+    def step(self, actions):
+        actions = np.asarray(actions)
+        rewards = np.where(self.reset_next, 2.0 * (actions != self.s), 1.0 * (actions == self.s))
+        ended = ~self.reset_next  # every real step ends its episode; a reset step starts one
+        self.s = np.where(self.reset_next, self.rng.integers(2, size=self.num_envs), self.s)
+        obs = np.stack([one_hot(s) for s in self.s])
+        self.reset_next = ended
+        return obs, rewards, ended.copy(), np.zeros(self.num_envs, bool), {}
+
+
+gym.register("Bandit-v0", entry_point=Bandit)
+gym.register("NextStepBandit-v0", entry_point=Bandit, vector_entry_point=NextStepBandit)
