@@ -49,7 +49,7 @@ class Args:
     capture_video: bool = False
     """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
     save_model: bool = False
-    """if toggled, save the model and normalisation statistics to `runs/RUN/model.pt` (also on Ctrl-C)"""
+    """if toggled, save the model and normalisation statistics to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (a Box action space)"""
@@ -108,7 +108,18 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported as one line, exit code 2."""
 
 
+class NonFiniteGradient(Exception):
+    """The loss or its gradient became NaN or infinite: training stops before applying it, exit code 1."""
+
+
+
+
 def check_args(args: Args) -> None:
+    for name, value in asdict(args).items():  # NaN slips through every comparison below
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no more
+        raise UserError(f"--seed must lie in [0, 2^32), got {args.seed}")
     counts = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs, num_steps=args.num_steps,
                   num_minibatches=args.num_minibatches, update_epochs=args.update_epochs,
                   eval_episodes=args.eval_episodes)
@@ -178,9 +189,7 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         envs.close()
         raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box")
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
-    envs.action_space.seed(seed)
-    return envs
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -292,11 +301,11 @@ class Agent(nn.Module):
     def get_value(self, x: torch.Tensor) -> torch.Tensor:
         return self.critic(x).squeeze(-1)
 
-    def get_action_and_value(self, x: torch.Tensor, action: torch.Tensor):
-        """(a, log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
+    def evaluate_actions(self, x: torch.Tensor, action: torch.Tensor):
+        """(log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
         mean = self.actor_mean(x)
         log_std = self.actor_logstd.expand_as(mean)
-        return action, gaussian_log_prob(action, mean, log_std), gaussian_entropy(log_std), self.get_value(x)
+        return gaussian_log_prob(action, mean, log_std), gaussian_entropy(log_std), self.get_value(x)
 
 
 class NumpyPolicy:
@@ -458,10 +467,70 @@ def approx_kl(logratio: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (-logratio).mean(), ((logratio.exp() - 1) - logratio).mean()
 
 
+def clip_gradients(agent: nn.Module, max_norm: float) -> None:
+    """Rescale ∇θ to norm ≤ max_norm; a NaN or infinite norm raises before the optimizer step, so θ stays finite."""
+    if not torch.isfinite(nn.utils.clip_grad_norm_(agent.parameters(), max_norm)):
+        raise NonFiniteGradient
+
+
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant (nan if Var[R]=0)."""
     var_targets = targets.var()
     return float("nan") if var_targets == 0 else float(1 - (targets - predictions).var() / var_targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update: K epochs of minibatch gradient steps on L
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Batch:
+    """The rollout flattened to T·N transitions, with what π_θold and the critic made of them.
+    """
+    obs: torch.Tensor
+    actions: torch.Tensor
+    logprobs: torch.Tensor
+    values: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args) -> dict:
+    """Optimise L for K epochs over shuffled minibatches; θ changes, θ_old does not.
+
+    Returns the last minibatch's losses and KL estimates, the clip fraction over all of them,
+    and how many minibatch steps were taken (fewer when the KL passed --target-kl).
+    """
+    minibatches = (mb for _ in range(args.update_epochs)  # each epoch a new shuffle
+                   for mb in torch.tensor_split(torch.randperm(len(batch.obs), device=batch.obs.device),
+                                                args.num_minibatches))
+    clipfracs = []
+    for mb in minibatches:
+        newlogprob, entropy, newvalue = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
+        logratio = newlogprob - batch.logprobs[mb]
+        ratio = logratio.exp()
+        with torch.no_grad():
+            old_kl, kl = approx_kl(logratio)
+            clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+
+        mb_advantages = batch.advantages[mb]
+        if args.norm_adv:
+            mb_advantages = normalize_advantages(mb_advantages)
+        pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
+        v_loss = value_loss(newvalue, batch.values[mb], batch.returns[mb],
+                            args.clip_coef if args.clip_vloss else None)
+        entropy_loss = entropy.mean()
+        loss = ppo_loss(pg_loss, entropy_loss, v_loss, args.ent_coef, args.vf_coef)
+
+        optimizer.zero_grad()
+        loss.backward()
+        clip_gradients(agent, args.max_grad_norm)
+        optimizer.step()
+        if args.target_kl is not None and kl > args.target_kl:
+            break  # π_θ has moved far enough from π_θold: no more steps, this epoch or the next
+    return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
+            "old_approx_kl": old_kl.item(), "approx_kl": kl.item(),
+            "clipfrac": torch.stack(clipfracs).mean().item(), "minibatch_steps": len(clipfracs)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -546,29 +615,70 @@ class StatusLine:
 
 
 class StopRequest:
-    """Ctrl-C asks training to stop at the next iteration; a second Ctrl-C stops at once.
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop at the next iteration; a second Ctrl-C stops at once.
 
-    A KeyboardInterrupt raised wherever Ctrl-C lands can land inside TensorBoard's writer queue
-    and lose the wake-up of its thread, and closing the writer then hangs for up to two minutes.
+    `kill`, `timeout` and cluster schedulers send SIGTERM. A KeyboardInterrupt raised wherever
+    Ctrl-C lands can land inside TensorBoard's writer queue and lose the wake-up of its thread,
+    and closing the writer then hangs for up to two minutes: so the first one only asks.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.requested = False
-        self.previous = signal.getsignal(signal.SIGINT)
-        if self.previous is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: so do we
-            signal.signal(signal.SIGINT, self._request)
+        self.signum = None
+        self.previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+        for signum, previous in self.previous.items():
+            if previous is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: so do we
+                signal.signal(signum, self._request)
 
     def _request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])  # the second acts as it would have
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """0 if nothing was asked, else the shell's 128 + signal number: 130 (Ctrl-C), 143 (SIGTERM)."""
+        return 0 if self.signum is None else 128 + self.signum
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+
+
+def make_run_dir(run_name: str, capture_video: bool) -> str:
+    """runs/RUN (and videos/RUN), made first: a directory that cannot be written is one line, not a late crash."""
+    run_dir = f"runs/{run_name}"
+    for path in [run_dir] + ([f"videos/{run_name}"] if capture_video else []):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path} in {os.getcwd()} ({e.strerror})") from None
+    return run_dir
+
+
+# How training ended, by exit code (None: an exception is on its way out).
+ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
+
+
+def report_end(exit_code: int, global_step: int) -> None:
+    """Say how training ended and exit with its code: 0, 1 (NaN), 130 (Ctrl-C), 143 (SIGTERM)."""
+    if exit_code == 1:
+        print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
+              "stopped before applying it", file=sys.stderr)
+    elif exit_code:
+        print(f"{SCRIPT}: stopped by {ENDINGS[exit_code]} at step {global_step}")
+    if exit_code:
+        sys.exit(exit_code)
 
 
 def train(args: Args) -> None:
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = make_run_dir(run_name, args.capture_video)
     device = select_device(args)
     seed_everything(args)
 
@@ -581,7 +691,7 @@ def train(args: Args) -> None:
     return_rms = RunningMeanStd() if args.norm_reward else None
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -596,45 +706,38 @@ def train(args: Args) -> None:
             writer.add_scalar("charts/episodic_return", r, global_step)
             writer.add_scalar("charts/episodic_length", l, global_step)
 
-    def save(reason: str) -> None:
-        if args.save_model:
-            path = f"runs/{run_name}/model.pt"
-            save_checkpoint(path, args, global_step, agent, optimizer, envs, obs_rms, return_rms)
-            print(f"{SCRIPT}: model saved to {path} ({reason})")
-
     rng = np.random.default_rng(args.seed)
     obs, _ = envs.reset(seed=args.seed)
     discounted_return = np.zeros(args.num_envs, np.float32)
     start_time = time.time()
-    ctrl_c = StopRequest()
+    stop = StopRequest()
+    exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
         for iteration in range(1, num_iterations + 1):
-            if ctrl_c.requested:  # Ctrl-C was pressed: stop here, between two iterations
-                raise KeyboardInterrupt
+            if stop.requested:  # Ctrl-C or SIGTERM: stop here, between two iterations
+                break
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
             # 1. Run π_θold for T steps in each of the N envs.
+            obs = collect_rollout(envs, NumpyPolicy(agent, obs_rms, args.obs_clip, rng), rollout, obs, on_episode)
+            global_step += batch_size
+
+            # 2. Normalise the batch with the statistics it was collected with (see `normalize_batch`).
+            batch_obs, batch_next_obs = normalize_batch(rollout, obs_rms, args.obs_clip)
+            # Rewards are scaled so that returns, and the critic's targets, keep a scale of about
+            # one whatever the env's units; the policy never sees them, so the scale may take in
+            # this batch before it is applied to it.
+            rewards = rollout.rewards
+            if return_rms is not None:
+                returns_so_far, discounted_return = running_discounted_returns(
+                    rollout.rewards, rollout.terminations | rollout.truncations, discounted_return, args.gamma)
+                return_rms.update(returns_so_far.reshape(-1))
+                rewards = scale_rewards(rollout.rewards, return_rms.var, args.reward_clip)
             with torch.inference_mode():
-                policy = NumpyPolicy(agent, obs_rms, args.obs_clip, rng)
-                obs = collect_rollout(envs, policy, rollout, obs, on_episode)
-                global_step += batch_size
-
-                # 2. Normalise the batch with one set of statistics (see `normalize_batch`).
-                batch_obs, batch_next_obs = normalize_batch(rollout, obs_rms, args.obs_clip)
                 b_obs = torch.from_numpy(batch_obs).to(device)
-                # Rewards are scaled so that returns, and the critic's targets, keep a scale of
-                # about one whatever the env's units; the policy never sees them, so the scale
-                # may take in this batch before it is applied to it.
-                rewards = rollout.rewards
-                if return_rms is not None:
-                    returns_so_far, discounted_return = running_discounted_returns(
-                        rollout.rewards, rollout.terminations | rollout.truncations, discounted_return, args.gamma)
-                    return_rms.update(returns_so_far.reshape(-1))
-                    rewards = scale_rewards(rollout.rewards, return_rms.var, args.reward_clip)
-
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1, action_dim)).to(device)
-                _, b_logprobs, _, b_values = agent.get_action_and_value(b_obs, b_actions)
+                b_logprobs, _, b_values = agent.evaluate_actions(b_obs, b_actions)
                 values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
                 next_values = agent.get_value(torch.from_numpy(batch_next_obs).to(device)).cpu().numpy()
                 next_values = next_values.reshape(args.num_steps, args.num_envs)
@@ -642,78 +745,33 @@ def train(args: Args) -> None:
             # 3. The advantage estimate Â_t.
             advantages, returns = gae(rewards, values, next_values, rollout.terminations,
                                       rollout.truncations, args.gamma, args.gae_lambda)
-            b_advantages = torch.from_numpy(advantages.reshape(-1)).to(device)
-            b_returns = torch.from_numpy(returns.reshape(-1)).to(device)
 
             # 4. Optimise the surrogate for K epochs over shuffled minibatches.
-            clipfracs = []
-            stop = False
-            for _ in range(args.update_epochs):
-                order = torch.randperm(batch_size, device=device)
-                for mb in torch.tensor_split(order, args.num_minibatches):
-                    _, newlogprob, entropy, newvalue = agent.get_action_and_value(b_obs[mb], b_actions[mb])
-                    logratio = newlogprob - b_logprobs[mb]
-                    ratio = logratio.exp()
-                    with torch.no_grad():
-                        old_kl, kl = approx_kl(logratio)
-                        clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
-
-                    mb_advantages = b_advantages[mb]
-                    if args.norm_adv:
-                        mb_advantages = normalize_advantages(mb_advantages)
-                    pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
-                    v_loss = value_loss(newvalue, b_values[mb], b_returns[mb],
-                                        args.clip_coef if args.clip_vloss else None)
-                    entropy_loss = entropy.mean()
-                    loss = ppo_loss(pg_loss, entropy_loss, v_loss, args.ent_coef, args.vf_coef)
-
-                    optimizer.zero_grad()
-                    loss.backward()
-                    # Raises before the step on a NaN/inf gradient, so the weights stay finite.
-                    nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, error_if_nonfinite=True)
-                    optimizer.step()
-                    if args.target_kl is not None and kl > args.target_kl:
-                        stop = True
-                        break
-                if stop:
-                    break
+            batch = Batch(b_obs, b_actions, b_logprobs, b_values,
+                          torch.from_numpy(advantages.reshape(-1)).to(device),
+                          torch.from_numpy(returns.reshape(-1)).to(device))
+            stats = ppo_update(agent, optimizer, batch, args)
 
             # 5. Log what the update did.
-            sps = int(global_step / (time.time() - start_time))
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-            writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-            writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-            writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
-            writer.add_scalar("losses/old_approx_kl", old_kl.item(), global_step)
-            writer.add_scalar("losses/approx_kl", kl.item(), global_step)
-            writer.add_scalar("losses/clipfrac", torch.stack(clipfracs).mean().item(), global_step)
-            writer.add_scalar("losses/explained_variance", explained_variance(b_values, b_returns), global_step)
-            writer.add_scalar("charts/SPS", sps, global_step)
+            for name, value in stats.items():
+                writer.add_scalar(f"losses/{name}", value, global_step)
+            writer.add_scalar("losses/explained_variance", explained_variance(batch.values, batch.returns), global_step)
+            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
             status.update(global_step, envs.return_queue)
+        exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
+    except NonFiniteGradient:
+        exit_code = 1
+    finally:  # every way out, a crash included: keep what was learned, close the logs
+        stop.restore()
         status.update(global_step, envs.return_queue, force=True)
         status.close()
-        save("end of training")
-    except KeyboardInterrupt:
-        status.close()
-        print(f"{SCRIPT}: interrupted at step {global_step}")
-        save("interrupted")
+        if args.save_model:
+            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_rms, return_rms)
+            print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
-        sys.exit(130)
-    except RuntimeError as e:
-        if "non-finite" not in str(e):
-            raise
-        status.close()
-        save("non-finite gradient")
-        writer.close()
-        envs.close()
-        print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
-              "stopped before applying it", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        ctrl_c.restore()
-    writer.close()
-    envs.close()
+    report_end(exit_code, global_step)
 
 
 def evaluate(args: Args) -> None:
@@ -748,15 +806,14 @@ def evaluate(args: Args) -> None:
             returns[first] = info["episode"]["r"][first]
     envs.close()
 
+    how = "the mean action" if args.eval_deterministic else "sampled actions"
+    print(f"eval: {args.eval_episodes} episodes of {args.env_id} ({how}): "
+          f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
     from torch.utils.tensorboard import SummaryWriter
-    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(make_run_dir(f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}", False))
     for i, r in enumerate(returns):
         writer.add_scalar("eval/episodic_return", r, i)
     writer.close()
-    how = "the mean action" if args.eval_deterministic else "sampled actions"
-    print(f"eval: {args.eval_episodes} episodes of {args.env_id} ({how}): "
-          f"return {returns.mean():.2f} ± {returns.std():.2f}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1,9 +1,11 @@
 """Tests of ppo.py: the math against numbers worked out by hand, the rollout's episode
 boundaries in both autoreset modes, and the script end to end (smoke, errors, seeds)."""
 
+import copy
 import math
 import os
 import signal
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +14,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import Counter, interrupt_script, one_line_error, read_tags, run_main, run_script
+from conftest import (Counter, interrupt_script, make_runs_unwritable, one_line_error, read_tags, run_main,
+                      run_script)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -213,11 +216,26 @@ def test_categorical_entropy_and_log_probs():
     torch.testing.assert_close(ppo.categorical_entropy(logp), torch.tensor([math.log(2), 0.562335]))
 
 
-def test_gumbel_max_samples_follow_the_softmax():
-    # softmax(ln 1, ln 3) = (0.25, 0.75): 40,000 samples put 0.75 ± 0.01 on action 1 (σ ≈ 0.002).
-    logits = np.log(np.tile([[1.0, 3.0]], (40_000, 1))).astype(np.float32)
+def test_gumbel_max_samples_follow_the_torch_categorical():
+    # softmax(ln 1, ln 3, ln 6) = (0.1, 0.3, 0.6), as torch's Categorical says: 40,000 samples put
+    # each frequency within 0.01 of it (σ ≤ 0.0025).
+    logits = np.log(np.tile([[1.0, 3.0, 6.0]], (40_000, 1))).astype(np.float32)
+    probs = torch.distributions.Categorical(logits=torch.from_numpy(logits[0])).probs.numpy()
+    np.testing.assert_allclose(probs, [0.1, 0.3, 0.6], rtol=1e-5)
     actions = ppo.sample_categorical(logits, np.random.default_rng(0))
-    assert actions.mean() == pytest.approx(0.75, abs=0.01)
+    np.testing.assert_allclose(np.bincount(actions, minlength=3) / len(actions), probs, atol=0.01)
+
+
+def test_gumbel_max_with_an_exponential_draw_of_zero_is_finite():
+    class ZeroAt1:  # a generator whose exponential draw for action 1 is exactly 0 (-log 0 = inf)
+        def standard_exponential(self, shape, dtype):
+            e = np.ones(shape, dtype)
+            e[..., 1] = 0.0
+            return e
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "divide by zero encountered in log" fails the test
+        actions = ppo.sample_categorical(np.zeros((3, 4), np.float32), ZeroAt1())
+    np.testing.assert_array_equal(actions, [1, 1, 1])  # the largest noise still wins
 
 
 def test_numpy_policy_matches_the_torch_actor():
@@ -234,6 +252,160 @@ def test_agent_log_prob_and_value_shapes():
     assert logprob.shape == entropy.shape == value.shape == (3,)
     # The actor's last layer starts tiny, so the first policy is near uniform.
     torch.testing.assert_close(logprob, torch.full((3,), math.log(0.5)), atol=1e-2, rtol=0)
+
+
+def test_ppo_loss_signs():
+    # L = -L^CLIP - c_e H + c_v L^V: with clip loss 1, entropy 2, value loss 3, c_e 0.1, c_v 0.5:
+    # 1 - 0.2 + 1.5 = 2.3. Descending L raises the entropy and lowers the value loss.
+    clip_loss, entropy, v_loss = (torch.tensor(x, requires_grad=True) for x in (1.0, 2.0, 3.0))
+    loss = ppo.ppo_loss(clip_loss, entropy, v_loss, ent_coef=0.1, vf_coef=0.5)
+    assert loss.item() == pytest.approx(2.3)
+    loss.backward()
+    assert (clip_loss.grad.item(), entropy.grad.item(), v_loss.grad.item()) == pytest.approx((1.0, -0.1, 0.5))
+
+
+def test_value_loss_gradient_stops_once_clipped():
+    # V_old = 0, R = 10, ε = 0.2. At V = 0.5 (past V_old + ε) the clipped term (0.2 - 10)² = 96.04 exceeds
+    # (0.5 - 10)² = 90.25, so the loss is ½·96.04 = 48.02 and does not depend on V: gradient 0.
+    # Unclipped: ½(V - R)², gradient V - R = -9.5.
+    new = torch.tensor([0.5], requires_grad=True)
+    loss = ppo.value_loss(new, torch.tensor([0.0]), torch.tensor([10.0]), clip_coef=0.2)
+    loss.backward()
+    assert loss.item() == pytest.approx(48.02) and new.grad.item() == 0.0
+    new.grad = None
+    ppo.value_loss(new, torch.tensor([0.0]), torch.tensor([10.0])).backward()
+    assert new.grad.item() == pytest.approx(-9.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update: what each flag does to one ppo_update on a fixed batch
+# ---------------------------------------------------------------------------------------------
+
+def bandit_batch(n=256):
+    """Bandit-v0 transitions with random actions, as π_θold (a fresh agent) and its critic see them."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 2, (n,), generator=g)
+    actions = torch.randint(0, 2, (n,), generator=g)
+    torch.manual_seed(0)
+    agent = ppo.Agent(2, 2)
+    obs, rewards = torch.eye(2)[s], (actions == s).float()
+    with torch.no_grad():
+        logprobs, _, values = agent.evaluate_actions(obs, actions)
+    return agent, ppo.Batch(obs, actions, logprobs, values, advantages=rewards - values, returns=rewards,
+                            valid=torch.arange(n))
+
+
+def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, **flags):
+    """A copy of `agent` after one ppo_update (2 epochs x 4 minibatches unless told), and its stats."""
+    agent = copy.deepcopy(agent)
+    args = ppo.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags})
+    torch.manual_seed(1)  # the same shuffles every time
+    stats = ppo.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args)
+    return agent, stats
+
+
+def parameters(agent):
+    return torch.cat([p.detach().flatten() for p in agent.parameters()])
+
+
+def test_reset_steps_leave_the_update_unchanged():
+    agent, batch = bandit_batch()
+    batch.valid = torch.arange(0, 256, 2)  # every other step a NEXT_STEP reset step
+    poisoned = copy.deepcopy(batch)
+    reset = torch.arange(1, 256, 2)
+    poisoned.obs[reset] = torch.randn(128, 2) * 100
+    poisoned.actions[reset] = 1 - poisoned.actions[reset]
+    poisoned.advantages[reset] = 1000.0
+    poisoned.returns[reset] = -1000.0
+    poisoned.logprobs[reset] = -50.0
+    clean, _ = update(agent, batch)
+    learned_from_poison, _ = update(agent, poisoned)
+    assert torch.equal(parameters(clean), parameters(learned_from_poison))
+
+
+def test_the_entropy_bonus_raises_the_entropy():
+    agent, batch = bandit_batch()
+    with torch.no_grad():
+        agent.actor[-1].bias.copy_(torch.tensor([2.0, -2.0]))  # a confident policy: H well below ln 2
+    batch.advantages.zero_()  # no policy gradient but the entropy bonus's
+
+    def entropy(a):
+        return ppo.categorical_entropy(torch.log_softmax(a.actor(batch.obs), -1)).mean().item()
+    without, _ = update(agent, batch, ent_coef=0.0)
+    with_bonus, _ = update(agent, batch, ent_coef=0.5)
+    assert entropy(without) == pytest.approx(entropy(agent), abs=1e-6)
+    assert entropy(with_bonus) > entropy(agent) + 0.05
+
+
+def test_value_clipping_keeps_the_critic_near_its_old_values():
+    # Returns 10 above V_old. Plain SGD (no momentum to overshoot with): the clipped loss's gradient
+    # stops once V passes V_old + ε = V_old + 0.2, so V ends within one step of it; unclipped it runs on.
+    agent, batch = bandit_batch()
+    batch.returns = batch.values + 10.0
+    batch.advantages.zero_()
+
+    def moved(a):
+        return (a.get_value(batch.obs) - batch.values).abs().max().item()
+    clipped, _ = update(agent, batch, torch.optim.SGD, lr=0.1, clip_vloss=True, update_epochs=4)
+    unclipped, _ = update(agent, batch, torch.optim.SGD, lr=0.1, clip_vloss=False, update_epochs=4)
+    assert moved(clipped) < 0.35
+    assert moved(unclipped) > 1.0
+
+
+def test_advantage_normalisation_ignores_a_constant_shift():
+    # (Â + c - mean) / std = (Â - mean) / std: normalised, adding 10 to every advantage changes nothing;
+    # unnormalised, it pushes up the probability of every action taken, and the update differs.
+    agent, batch = bandit_batch()
+    shifted = copy.deepcopy(batch)
+    shifted.advantages += 10.0
+    for norm_adv, same in [(True, True), (False, False)]:
+        a, _ = update(agent, batch, norm_adv=norm_adv)
+        b, _ = update(agent, shifted, norm_adv=norm_adv)
+        assert torch.allclose(parameters(a), parameters(b), atol=1e-5) is same, norm_adv
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests that can fail: tiny envs with a known answer, learned end to end
+# ---------------------------------------------------------------------------------------------
+
+BANDIT = ["--num-envs", "4", "--num-steps", "64", "--total-timesteps", "4096", "--save-model"]
+
+
+@pytest.mark.parametrize("env_id", ["Bandit-v0", "NextStepBandit-v0"])  # SAME_STEP and NEXT_STEP
+def test_learns_a_contextual_bandit(tmp_path, capsys, env_id):
+    out = run_main(ppo, tmp_path, capsys, "--env-id", env_id, *BANDIT)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    # π(a = s | s) → 1: the last 100 episodes score above 0.9 (uniform: 0.5; a sign-flipped learner: 0).
+    # NextStepBandit's reset steps pay the wrong action: only a learner that leaves them out gets here.
+    assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9
+    # The critic learned V(s) = 1, the return of that policy, in both states.
+    agent = ppo.Agent(2, 2)
+    agent.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    np.testing.assert_allclose(agent.get_value(torch.eye(2)).detach().numpy(), [1.0, 1.0], atol=0.2)
+
+
+def logged(tmp_path, capsys, name, *argv):
+    out = run_main(ppo, tmp_path / name, capsys, "--env-id", "Bandit-v0", "--num-envs", "4", "--num-steps", "64",
+                   "--total-timesteps", "2048", *argv)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / name / "runs").iterdir()
+    return read_tags(run)[0]
+
+
+def test_target_kl_stops_the_epochs_early(tmp_path, capsys):
+    # 2 epochs x 4 minibatches = 8 steps an iteration; the first minibatch's KL is 0 (θ = θ_old), the
+    # second's is not, so a KL target of 1e-9 stops after 2.
+    assert logged(tmp_path, capsys, "free")["losses/minibatch_steps"] == [8] * 8
+    assert logged(tmp_path, capsys, "stopped", "--target-kl", "1e-9")["losses/minibatch_steps"] == [2] * 8
+
+
+def test_anneal_lr_falls_linearly_to_zero(tmp_path, capsys):
+    # 8 iterations: lr_k = (1 - k/8)·3e-3 for k = 0..7, so the last is 3e-3/8; without annealing, 3e-3 throughout.
+    annealed = logged(tmp_path, capsys, "annealed")["charts/learning_rate"]
+    np.testing.assert_allclose(annealed, [3e-3 * (1 - k / 8) for k in range(8)], rtol=1e-6)
+    np.testing.assert_allclose(logged(tmp_path, capsys, "constant", "--no-anneal-lr")["charts/learning_rate"],
+                               [3e-3] * 8, rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -287,9 +459,27 @@ def test_same_seed_same_returns(tmp_path):
     (["--update-epochs", "-1"], ["--update-epochs must be positive"]),
     (["--total-timesteps", "10"], ["less than one batch"]),
     (["--eval-checkpoint", "no/such/model.pt"], ["no checkpoint at no/such/model.pt"]),
+    (["--seed", "-1"], ["--seed must lie in [0, 2^32)", "-1"]),
+    (["--seed", "99999999999"], ["--seed must lie in [0, 2^32)"]),
+    (["--seed", "99999999999", "--eval-checkpoint", "model.pt"], ["--seed must lie in [0, 2^32)"]),
+    (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
+    (["--target-kl", "nan"], ["--target-kl must be a finite number"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(ppo, tmp_path, capsys, *argv), "ppo.py", *fragments)
+
+
+def test_an_unwritable_working_directory_is_one_line(tmp_path, capsys):
+    out = run_main(ppo, tmp_path / "train", capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "train" / "runs").iterdir()
+    make_runs_unwritable(tmp_path / "ro")
+    # Training fails before it starts, not after it has trained.
+    one_line_error(run_main(ppo, tmp_path / "ro", capsys, *SMALL), "ppo.py", "cannot write runs/CartPole-v1__ppo__1__")
+    # An evaluation prints its result, then says that it could not log it.
+    out = run_main(ppo, tmp_path / "ro", capsys, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2")
+    assert "eval: 2 episodes of CartPole-v1: return" in out.stdout
+    one_line_error(out, "ppo.py", "cannot write runs/CartPole-v1__ppo-eval__1__")
 
 
 def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
@@ -341,6 +531,19 @@ def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_sigterm_is_a_request_too():
+    before = signal.getsignal(signal.SIGTERM)
+    stop = ppo.StopRequest()
+    try:
+        assert stop.exit_code == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.exit_code == 143
+        assert signal.getsignal(signal.SIGTERM) is before  # a second SIGTERM acts as it would have
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
 def test_an_ignored_ctrl_c_stays_ignored():
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as in a background job of a shell script
     try:
@@ -353,13 +556,35 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_saves_model_and_logs(tmp_path):
-    out = interrupt_script("ppo.py", tmp_path, "--total-timesteps", "10000000", "--save-model")
-    assert out.returncode == 130, out.stderr
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path, signum, code):
+    out = interrupt_script("ppo.py", tmp_path, "--total-timesteps", "10000000", "--save-model", signum=signum)
+    assert out.returncode == code, out.stderr
     assert "Traceback" not in out.stderr
+    assert f"stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'} at step" in out.stdout
     (run,) = (tmp_path / "runs").iterdir()
-    assert (run / "model.pt").exists()
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] > 0
     assert read_tags(run)[0]["charts/SPS"]
+
+
+def test_a_crash_saves_what_was_learned(tmp_path, capsys, monkeypatch):
+    def crash(*a, **k):
+        raise OSError("the env's simulator died")
+    real_update = ppo.ppo_update
+    calls = []
+
+    def update_then_crash(*a, **k):  # the second iteration's rollout crashes, after one update
+        calls.append(1)
+        stats = real_update(*a, **k)
+        monkeypatch.setattr(ppo, "collect_rollout", crash)
+        return stats
+    monkeypatch.setattr(ppo, "ppo_update", update_then_crash)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError):
+        ppo.main(["--total-timesteps", "4096", "--num-envs", "4", "--num-steps", "128", "--save-model"])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 512 and calls == [1]
+    assert "(crashed)" in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_and_saves(tmp_path, capsys):

@@ -3,6 +3,7 @@ running statistics, reward scaling, GAE, the losses), a truncation's bootstrap f
 normalised final observation, and the script end to end (smoke, evaluation with the saved
 statistics, errors, seeds)."""
 
+import copy
 import math
 import os
 import signal
@@ -14,7 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import interrupt_script, one_line_error, read_tags, run_main, run_script
+from conftest import interrupt_script, make_runs_unwritable, one_line_error, one_hot, read_tags, run_main, run_script
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -51,7 +52,7 @@ def test_gaussian_entropy_by_hand():
 def test_agent_starts_with_unit_noise_around_a_near_zero_mean():
     agent = pc.Agent(3, 2)
     obs = torch.zeros(4, 3)
-    _, logprob, entropy, value = agent.get_action_and_value(obs, torch.zeros(4, 2))
+    logprob, entropy, value = agent.evaluate_actions(obs, torch.zeros(4, 2))
     assert logprob.shape == entropy.shape == value.shape == (4,)
     # μ ≈ 0, σ = 1 in 2-d: log N(0; 0, 1)² = -ln 2π; entropy = 1 + ln 2π
     torch.testing.assert_close(logprob, torch.full((4,), -LOG_2PI), atol=1e-3, rtol=0)
@@ -61,7 +62,7 @@ def test_agent_starts_with_unit_noise_around_a_near_zero_mean():
 def test_log_std_init_sets_the_first_policy_spread():
     # log σ = -1 in 1-d: entropy ½ + ½ln2π - 1 = 0.418939; log N(μ; μ, σ²) = 1 - ½ln2π = 0.081061
     agent = pc.Agent(3, 1, log_std_init=-1.0)
-    _, logprob, entropy, _ = agent.get_action_and_value(torch.zeros(1, 3), torch.zeros(1, 1))
+    logprob, entropy, _ = agent.evaluate_actions(torch.zeros(1, 3), torch.zeros(1, 1))
     assert entropy.item() == pytest.approx(0.418939, abs=1e-6)
     assert logprob.item() == pytest.approx(0.081061, abs=1e-3)  # μ ≈ 0 (a small last layer)
 
@@ -324,7 +325,7 @@ def eval_return(out):
     return float(out.stdout.split("return ")[1].split(" ±")[0])
 
 
-def test_a_trained_then_evaluated_policy_scores_as_in_training(tmp_path, capsys):
+def test_learns_offset_target_and_evaluates_as_trained(tmp_path, capsys):
     out = run_main(pc, tmp_path, capsys, "--env-id", "OffsetTarget-v0", "--num-envs", "4", "--num-steps", "64",
                    "--num-minibatches", "4", "--learning-rate", "3e-3", "--total-timesteps", "6144", "--save-model")
     assert out.returncode == 0, out.stderr
@@ -354,6 +355,175 @@ def test_a_trained_then_evaluated_policy_scores_as_in_training(tmp_path, capsys)
     assert eval_return(out) < -5, eval_return(out)
 
 
+class ContinuousBandit(gym.Env):
+    """A one-step target: s is 0 or 1 at random, seen one-hot; reward -(a - u_s)², u = (-0.5, 0.5).
+    The answer is known: μ(s) = u_s; and the critic's, whatever σ is: V(s) = E[r] = -(μ(s) - u_s)² - σ²."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    targets = (-0.5, 0.5)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.s = int(self.np_random.integers(2))
+        return one_hot(self.s), {}
+
+    def step(self, action):
+        return one_hot(self.s), -float((action[0] - self.targets[self.s]) ** 2), True, False, {}
+
+
+gym.register("ContinuousBandit-v0", entry_point=ContinuousBandit)
+
+
+def test_learns_a_continuous_bandit_and_its_value(tmp_path, capsys):
+    # Unscaled rewards, so that V is in the env's units.
+    out = run_main(pc, tmp_path, capsys, "--env-id", "ContinuousBandit-v0", "--num-envs", "4", "--num-steps", "64",
+                   "--num-minibatches", "4", "--learning-rate", "3e-3", "--total-timesteps", "8192",
+                   "--no-norm-reward", "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    agent = pc.Agent(2, 1)
+    agent.load_state_dict(ckpt["model"])
+    policy = pc.NumpyPolicy(agent, pc.RunningMeanStd.from_state(ckpt["obs_rms"]), 10.0)
+    states = np.eye(2, dtype=np.float32)
+    mean, sigma = policy.mean(states)[:, 0], float(policy.std[0])
+    # The policy's mean found both targets (a random or sign-flipped one is off by 0.5 or more).
+    np.testing.assert_allclose(mean, [-0.5, 0.5], atol=0.1)
+    # The critic knows what that policy earns: V(s) = -(μ(s) - u_s)² - σ².
+    obs = torch.from_numpy(pc.normalize_observations(states, policy.obs_rms.mean, policy.obs_rms.var, 10.0))
+    expected = -(mean - np.array([-0.5, 0.5])) ** 2 - sigma ** 2
+    np.testing.assert_allclose(agent.get_value(obs).detach().numpy(), expected, atol=0.05)
+
+
+def test_log_pi_old_is_the_log_probability_under_the_policy_that_acted(tmp_path, capsys, monkeypatch):
+    # The ratio's denominator must be the policy that chose the actions: the rollout acted with the
+    # statistics from before its batch, so log π_θold must be computed with those too.
+    acted, stored = [], []
+
+    class RecordingPolicy(pc.NumpyPolicy):
+        def __call__(self, obs):
+            action = super().__call__(obs)
+            mean, std = self.mean(obs), self.std
+            acted.append((-0.5 * ((action - mean) / std) ** 2 - np.log(std) - 0.5 * LOG_2PI).sum(-1))
+            return action
+
+    real_update = pc.ppo_update
+
+    def recording_update(agent, optimizer, batch, args):
+        stored.append(batch.logprobs.numpy().copy())
+        return real_update(agent, optimizer, batch, args)
+    monkeypatch.setattr(pc, "NumpyPolicy", RecordingPolicy)
+    monkeypatch.setattr(pc, "ppo_update", recording_update)
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64",
+                   "--num-minibatches", "2", "--total-timesteps", "384")
+    assert out.returncode == 0, out.stderr
+    # 3 iterations of 64 steps x 2 envs, in the batch's (T, N) order.
+    np.testing.assert_allclose(np.stack(stored), np.stack(acted).reshape(3, 128), atol=2e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The update: what each flag does to one ppo_update on a fixed batch
+# ---------------------------------------------------------------------------------------------
+
+def bandit_batch(n=256):
+    """ContinuousBandit-v0 transitions with actions from a fresh agent, as π_θold and its critic see them."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 2, (n,), generator=g)
+    torch.manual_seed(0)
+    agent = pc.Agent(2, 1, log_std_init=-0.5)
+    obs = torch.eye(2)[s]
+    actions = torch.randn(n, 1, generator=g) * 0.6
+    rewards = -(actions[:, 0] - (s.float() - 0.5)) ** 2
+    with torch.no_grad():
+        logprobs, _, values = agent.evaluate_actions(obs, actions)
+    return agent, pc.Batch(obs, actions, logprobs, values, advantages=rewards - values, returns=rewards)
+
+
+def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, **flags):
+    """A copy of `agent` after one ppo_update (2 epochs x 4 minibatches unless told), and its stats."""
+    agent = copy.deepcopy(agent)
+    args = pc.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags})
+    torch.manual_seed(1)  # the same shuffles every time
+    stats = pc.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args)
+    return agent, stats
+
+
+def parameters(agent):
+    return torch.cat([p.detach().flatten() for p in agent.parameters()])
+
+
+def test_ppo_loss_signs():
+    # L = -L^CLIP - c_e H + c_v L^V: with clip loss 1, entropy 2, value loss 3, c_e 0.1, c_v 0.5:
+    # 1 - 0.2 + 1.5 = 2.3. Descending L raises the entropy and lowers the value loss.
+    clip_loss, entropy, v_loss = (torch.tensor(x, requires_grad=True) for x in (1.0, 2.0, 3.0))
+    loss = pc.ppo_loss(clip_loss, entropy, v_loss, ent_coef=0.1, vf_coef=0.5)
+    assert loss.item() == pytest.approx(2.3)
+    loss.backward()
+    assert (clip_loss.grad.item(), entropy.grad.item(), v_loss.grad.item()) == pytest.approx((1.0, -0.1, 0.5))
+
+
+def test_the_entropy_bonus_raises_the_entropy():
+    # H = ½ + ½ ln 2π + log σ: only the bonus moves log σ when there is no policy gradient.
+    agent, batch = bandit_batch()
+    batch.advantages.zero_()
+    without, _ = update(agent, batch, ent_coef=0.0)
+    with_bonus, _ = update(agent, batch, ent_coef=0.5)
+    assert without.actor_logstd.item() == pytest.approx(-0.5, abs=1e-6)
+    assert with_bonus.actor_logstd.item() > -0.5 + 0.01
+
+
+def test_value_clipping_keeps_the_critic_near_its_old_values():
+    # Returns 10 above V_old. Plain SGD (no momentum to overshoot with): the clipped loss's gradient
+    # stops once V passes V_old + ε = V_old + 0.2, so V ends within one step of it; unclipped it runs on.
+    agent, batch = bandit_batch()
+    batch.returns = batch.values + 10.0
+    batch.advantages.zero_()
+
+    def moved(a):
+        return (a.get_value(batch.obs) - batch.values).abs().max().item()
+    clipped, _ = update(agent, batch, torch.optim.SGD, lr=0.1, clip_vloss=True, update_epochs=4)
+    unclipped, _ = update(agent, batch, torch.optim.SGD, lr=0.1, clip_vloss=False, update_epochs=4)
+    assert moved(clipped) < 0.35
+    assert moved(unclipped) > 1.0
+
+
+def test_advantage_normalisation_ignores_a_constant_shift():
+    # (Â + c - mean) / std = (Â - mean) / std: normalised, adding 10 to every advantage changes nothing;
+    # unnormalised, it pushes up the probability of every action taken, and the update differs.
+    agent, batch = bandit_batch()
+    shifted = copy.deepcopy(batch)
+    shifted.advantages += 10.0
+    for norm_adv, same in [(True, True), (False, False)]:
+        a, _ = update(agent, batch, norm_adv=norm_adv)
+        b, _ = update(agent, shifted, norm_adv=norm_adv)
+        assert torch.allclose(parameters(a), parameters(b), atol=1e-5) is same, norm_adv
+
+
+def logged(tmp_path, capsys, name, *argv):
+    out = run_main(pc, tmp_path / name, capsys, "--env-id", "ContinuousBandit-v0", "--num-envs", "4",
+                   "--num-steps", "64", "--num-minibatches", "4", "--update-epochs", "2",
+                   "--total-timesteps", "2048", *argv)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / name / "runs").iterdir()
+    return read_tags(run)[0]
+
+
+def test_target_kl_stops_the_epochs_early(tmp_path, capsys):
+    # 2 epochs x 4 minibatches = 8 steps an iteration; the first minibatch's KL is 0 (θ = θ_old), the
+    # second's is not, so a KL target of 1e-9 stops after 2.
+    assert logged(tmp_path, capsys, "free")["losses/minibatch_steps"] == [8] * 8
+    assert logged(tmp_path, capsys, "stopped", "--target-kl", "1e-9")["losses/minibatch_steps"] == [2] * 8
+
+
+def test_anneal_lr_falls_linearly_to_zero(tmp_path, capsys):
+    # 8 iterations: lr_k = (1 - k/8)·3e-4 for k = 0..7, so the last is 3e-4/8; without annealing, 3e-4 throughout.
+    annealed = logged(tmp_path, capsys, "annealed")["charts/learning_rate"]
+    np.testing.assert_allclose(annealed, [3e-4 * (1 - k / 8) for k in range(8)], rtol=1e-6)
+    np.testing.assert_allclose(logged(tmp_path, capsys, "constant", "--no-anneal-lr")["charts/learning_rate"],
+                               [3e-4] * 8, rtol=1e-6)
+
+
 def test_same_seed_same_returns(tmp_path):
     returns = []
     for i in range(2):
@@ -375,9 +545,29 @@ def test_same_seed_same_returns(tmp_path):
     (["--total-timesteps", "10"], ["less than one batch"]),
     (["--obs-clip", "0"], ["--obs-clip"]),
     (["--eval-checkpoint", "no/such/model.pt"], ["no checkpoint at no/such/model.pt"]),
+    (["--seed", "-1"], ["--seed must lie in [0, 2^32)", "-1"]),
+    (["--seed", "99999999999"], ["--seed must lie in [0, 2^32)"]),
+    (["--seed", "99999999999", "--eval-checkpoint", "model.pt"], ["--seed must lie in [0, 2^32)"]),
+    (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
+    (["--obs-clip", "nan"], ["--obs-clip must be a finite number"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(pc, tmp_path, capsys, *argv), "ppo_continuous.py", *fragments)
+
+
+def test_an_unwritable_working_directory_is_one_line(tmp_path, capsys):
+    out = run_main(pc, tmp_path / "train", capsys, "--env-id", "Pendulum-v1", *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "train" / "runs").iterdir()
+    make_runs_unwritable(tmp_path / "ro")
+    # Training fails before it starts, not after it has trained.
+    one_line_error(run_main(pc, tmp_path / "ro", capsys, "--env-id", "Pendulum-v1", *SMALL), "ppo_continuous.py",
+                   "cannot write runs/Pendulum-v1__ppo_continuous__1__")
+    # An evaluation prints its result, then says that it could not log it.
+    out = run_main(pc, tmp_path / "ro", capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint", str(run / "model.pt"),
+                   "--eval-episodes", "2")
+    assert "eval: 2 episodes of Pendulum-v1 (the mean action): return" in out.stdout
+    one_line_error(out, "ppo_continuous.py", "cannot write runs/Pendulum-v1__ppo_continuous-eval__1__")
 
 
 def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
@@ -455,11 +645,26 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_saves_model_statistics_and_logs(tmp_path):
+def test_sigterm_is_a_request_too():
+    before = signal.getsignal(signal.SIGTERM)
+    stop = pc.StopRequest()
+    try:
+        assert stop.exit_code == 0
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.exit_code == 143
+        assert signal.getsignal(signal.SIGTERM) is before  # a second SIGTERM acts as it would have
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_model_statistics_and_logs(tmp_path, signum, code):
     out = interrupt_script("ppo_continuous.py", tmp_path, "--env-id", "Pendulum-v1", "--total-timesteps", "10000000",
-                           "--num-steps", "256", "--save-model")
-    assert out.returncode == 130, out.stderr
+                           "--num-steps", "256", "--save-model", signum=signum)
+    assert out.returncode == code, out.stderr
     assert "Traceback" not in out.stderr
+    assert f"stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'} at step" in out.stdout
     (run,) = (tmp_path / "runs").iterdir()
     assert torch.load(run / "model.pt", weights_only=True)["obs_rms"]["count"] >= 256
     assert read_tags(run)[0]["charts/SPS"]
@@ -474,3 +679,22 @@ def test_non_finite_loss_stops_and_saves(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     model = torch.load(run / "model.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in model.values())
+
+
+def test_a_crash_saves_what_was_learned(tmp_path, capsys, monkeypatch):
+    def crash(*a, **k):
+        raise OSError("the env's simulator died")
+    real_update = pc.ppo_update
+
+    def update_then_crash(*a, **k):  # the second iteration's rollout crashes, after one update
+        stats = real_update(*a, **k)
+        monkeypatch.setattr(pc, "collect_rollout", crash)
+        return stats
+    monkeypatch.setattr(pc, "ppo_update", update_then_crash)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError):
+        pc.main(["--env-id", "Pendulum-v1", *SMALL, "--save-model"])
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["global_step"] == 512 and ckpt["obs_rms"]["count"] == pytest.approx(512, abs=1)
+    assert "(crashed)" in capsys.readouterr().out
