@@ -532,16 +532,21 @@ def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
 
 
 def test_sigterm_is_a_request_too():
-    before = signal.getsignal(signal.SIGTERM)
-    stop = ppo.StopRequest()
+    def previous(signum, frame):  # stands in for the default handler, which would end the test run
+        pass
+    before = signal.signal(signal.SIGTERM, previous)
     try:
-        assert stop.exit_code == 0
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested and stop.exit_code == 143
-        assert signal.getsignal(signal.SIGTERM) is before  # a second SIGTERM acts as it would have
+        stop = ppo.StopRequest()
+        try:
+            assert stop.exit_code == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and stop.exit_code == 143
+            assert signal.getsignal(signal.SIGTERM) is previous  # a second SIGTERM acts as it would have
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is previous
     finally:
-        stop.restore()
-    assert signal.getsignal(signal.SIGTERM) is before
+        signal.signal(signal.SIGTERM, before)
 
 
 def test_an_ignored_ctrl_c_stays_ignored():

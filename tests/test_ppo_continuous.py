@@ -646,16 +646,21 @@ def test_an_ignored_ctrl_c_stays_ignored():
 
 
 def test_sigterm_is_a_request_too():
-    before = signal.getsignal(signal.SIGTERM)
-    stop = pc.StopRequest()
+    def previous(signum, frame):  # stands in for the default handler, which would end the test run
+        pass
+    before = signal.signal(signal.SIGTERM, previous)
     try:
-        assert stop.exit_code == 0
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.requested and stop.exit_code == 143
-        assert signal.getsignal(signal.SIGTERM) is before  # a second SIGTERM acts as it would have
+        stop = pc.StopRequest()
+        try:
+            assert stop.exit_code == 0
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and stop.exit_code == 143
+            assert signal.getsignal(signal.SIGTERM) is previous  # a second SIGTERM acts as it would have
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is previous
     finally:
-        stop.restore()
-    assert signal.getsignal(signal.SIGTERM) is before
+        signal.signal(signal.SIGTERM, before)
 
 
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
