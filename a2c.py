@@ -20,6 +20,7 @@ limit) bootstraps from V(final observation), a terminated one does not.
 """
 
 import importlib.util
+import math
 import os
 import random
 import signal
@@ -52,7 +53,7 @@ class Args:
     capture_video: bool = False
     """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
     save_model: bool = False
-    """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C)"""
+    """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
 
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete or Box actions)"""
@@ -95,7 +96,18 @@ class UserError(Exception):
     """A mistake in the command line or its inputs: reported as one line, exit code 2."""
 
 
+class NonFiniteGradient(Exception):
+    """The loss or its gradient became NaN or infinite: training stops before applying it, exit code 1."""
+
+
+
+
 def check_args(args: Args) -> None:
+    for name, value in asdict(args).items():  # NaN slips through every comparison below
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no more
+        raise UserError(f"--seed must lie in [0, 2^32), got {args.seed}")
     counts = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs, num_steps=args.num_steps,
                   eval_episodes=args.eval_episodes)
     for name, value in counts.items():
@@ -161,9 +173,7 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         envs.close()
         raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box")
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
-    envs.action_space.seed(seed)
-    return envs
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
 
 
 def add_normalization(envs, norm_obs: bool, norm_reward: bool, gamma: float):
@@ -180,8 +190,35 @@ def add_normalization(envs, norm_obs: bool, norm_reward: bool, gamma: float):
     if norm_obs:
         envs = obs_norm = gym.wrappers.vector.NormalizeObservation(envs)
     if norm_reward:
-        envs = reward_norm = gym.wrappers.vector.NormalizeReward(envs, gamma=gamma)
+        envs = reward_norm = NormalizeReward(envs, gamma=gamma)
     return envs, obs_norm, reward_norm
+
+
+class NormalizeReward(gym.wrappers.vector.NormalizeReward):
+    """Rewards divided by the running std of G_t = r_t + γ G_{t-1}, which restarts at 0 after every
+    episode end, a truncation included; NEXT_STEP reset steps take no part.
+
+    The scale estimated is that of an episode's discounted return, and after a time limit the
+    next rewards belong to a new episode: ppo_continuous.py and SB3's VecNormalize restart there
+    too. Gymnasium 1.4's wrapper carries a truncated episode's return (and the last reward of a
+    terminated one) into the next episode.
+    """
+
+    def __init__(self, env, gamma: float):
+        super().__init__(env, gamma=gamma)
+        self.after_done = np.zeros(self.num_envs, bool)
+
+    def step(self, actions):
+        obs, reward, terminated, truncated, info = self.env.step(actions)
+        real = ~self.after_done  # in NEXT_STEP mode the step after an episode's end is a reset
+        self.accumulated_reward[real] = self.gamma * self.accumulated_reward[real] + reward[real]
+        if self._update_running_mean and real.any():
+            self.return_rms.update(self.accumulated_reward[real])
+        done = terminated | truncated
+        self.accumulated_reward[done] = 0.0
+        if self.env.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP:
+            self.after_done = done
+        return obs, reward / np.sqrt(self.return_rms.var + self.epsilon), terminated, truncated, info
 
 
 def frozen_obs_normalization(envs, stats: dict):
@@ -247,15 +284,15 @@ class ActorCritic(nn.Module):
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
         return self.critic(self.body(obs)).squeeze(-1)
 
-    def get_action_and_value(self, obs: torch.Tensor, actions: torch.Tensor):
-        """(a, log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
+    def evaluate_actions(self, obs: torch.Tensor, actions: torch.Tensor):
+        """(log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
         hidden = self.body(obs)
         out, value = self.actor(hidden), self.critic(hidden).squeeze(-1)
         if self.discrete:
             logp = torch.log_softmax(out, dim=-1)
-            return actions, logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1), categorical_entropy(logp), value
+            return logp.gather(-1, actions.long().unsqueeze(-1)).squeeze(-1), categorical_entropy(logp), value
         entropy = gaussian_entropy(self.log_std).expand(len(obs))
-        return actions, gaussian_log_prob(actions, out, self.log_std), entropy, value
+        return gaussian_log_prob(actions, out, self.log_std), entropy, value
 
     def act_deterministic(self, obs: torch.Tensor) -> torch.Tensor:
         """argmax_a π_θ(a|s), or the Gaussian's mean: the policy used to evaluate a saved model."""
@@ -287,8 +324,11 @@ class NumpyPolicy:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         out = self.forward(obs)
-        if self.std is None:  # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits)
-            return np.argmax(out - np.log(self.rng.standard_exponential(out.shape, dtype=out.dtype)), axis=-1)
+        if self.std is None:  # Gumbel-max: argmax(logits - log e), e ~ Exp(1), is a sample of softmax(logits)
+            # A float32 draw can be exactly 0, whose log is -inf; the smallest positive float
+            # picks the same action (its noise, 87, beats any logit gap) without the warning.
+            e = self.rng.standard_exponential(out.shape, dtype=out.dtype)
+            return np.argmax(out - np.log(np.maximum(e, np.finfo(e.dtype).tiny)), axis=-1)
         return out + self.std * self.rng.standard_normal(out.shape, dtype=out.dtype)
 
 
@@ -411,6 +451,12 @@ def a2c_loss(actor: torch.Tensor, critic: torch.Tensor, entropy: torch.Tensor, v
     return actor + vf_coef * critic - ent_coef * entropy
 
 
+def clip_gradients(agent: nn.Module, max_norm: float) -> None:
+    """Rescale ∇θ to norm ≤ max_norm; a NaN or infinite norm raises before the optimizer step, so θ stays finite."""
+    if not torch.isfinite(nn.utils.clip_grad_norm_(agent.parameters(), max_norm)):
+        raise NonFiniteGradient
+
+
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant (nan if Var[R]=0)."""
     var_targets = targets.var()
@@ -506,29 +552,70 @@ LOG_EVERY = 100
 
 
 class StopRequest:
-    """Ctrl-C asks training to stop at the next iteration; a second Ctrl-C stops at once.
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop at the next iteration; a second Ctrl-C stops at once.
 
-    A KeyboardInterrupt raised wherever Ctrl-C lands can land inside TensorBoard's writer queue
-    and lose the wake-up of its thread, and closing the writer then hangs for up to two minutes.
+    `kill`, `timeout` and cluster schedulers send SIGTERM. A KeyboardInterrupt raised wherever
+    Ctrl-C lands can land inside TensorBoard's writer queue and lose the wake-up of its thread,
+    and closing the writer then hangs for up to two minutes: so the first one only asks.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.requested = False
-        self.previous = signal.getsignal(signal.SIGINT)
-        if self.previous is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: so do we
-            signal.signal(signal.SIGINT, self._request)
+        self.signum = None
+        self.previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+        for signum, previous in self.previous.items():
+            if previous is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: so do we
+                signal.signal(signum, self._request)
 
     def _request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])  # the second acts as it would have
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """0 if nothing was asked, else the shell's 128 + signal number: 130 (Ctrl-C), 143 (SIGTERM)."""
+        return 0 if self.signum is None else 128 + self.signum
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+
+
+def make_run_dir(run_name: str, capture_video: bool) -> str:
+    """runs/RUN (and videos/RUN), made first: a directory that cannot be written is one line, not a late crash."""
+    run_dir = f"runs/{run_name}"
+    for path in [run_dir] + ([f"videos/{run_name}"] if capture_video else []):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path} in {os.getcwd()} ({e.strerror})") from None
+    return run_dir
+
+
+# How training ended, by exit code (None: an exception is on its way out).
+ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
+
+
+def report_end(exit_code: int, global_step: int) -> None:
+    """Say how training ended and exit with its code: 0, 1 (NaN), 130 (Ctrl-C), 143 (SIGTERM)."""
+    if exit_code == 1:
+        print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
+              "stopped before applying it", file=sys.stderr)
+    elif exit_code:
+        print(f"{SCRIPT}: stopped by {ENDINGS[exit_code]} at step {global_step}")
+    if exit_code:
+        sys.exit(exit_code)
 
 
 def train(args: Args) -> None:
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = make_run_dir(run_name, args.capture_video)
     device = select_device(args)
     seed_everything(args)
 
@@ -543,7 +630,7 @@ def train(args: Args) -> None:
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=fused)
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -559,20 +646,15 @@ def train(args: Args) -> None:
             writer.add_scalar("charts/episodic_return", r, global_step)
             writer.add_scalar("charts/episodic_length", l, global_step)
 
-    def save(reason: str) -> None:
-        if args.save_model:
-            path = f"runs/{run_name}/model.pt"
-            save_checkpoint(path, args, global_step, agent, optimizer, envs, obs_norm, reward_norm)
-            print(f"{SCRIPT}: model saved to {path} ({reason})")
-
     obs, _ = envs.reset(seed=args.seed)
     after_done = np.zeros(args.num_envs, bool)
     start_time = time.time()
-    ctrl_c = StopRequest()
+    stop = StopRequest()
+    exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
         for update in range(1, num_updates + 1):
-            if ctrl_c.requested:  # Ctrl-C was pressed: stop here, between two iterations
-                raise KeyboardInterrupt
+            if stop.requested:  # Ctrl-C or SIGTERM: stop here, between two updates
+                break
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.learning_rate
 
@@ -591,7 +673,7 @@ def train(args: Args) -> None:
             b_obs = torch.from_numpy(rollout.obs.reshape((-1, obs_dim))[valid]).to(device)
             b_actions = torch.from_numpy(rollout.actions.reshape((batch_size,) + rollout.actions.shape[2:])[valid])
             b_returns = torch.from_numpy(returns.reshape(-1)[valid]).to(device)
-            _, log_probs, entropy, values = agent.get_action_and_value(b_obs, b_actions.to(device))
+            log_probs, entropy, values = agent.evaluate_actions(b_obs, b_actions.to(device))
             b_advantages = advantages(b_returns, values)
             if args.norm_adv:
                 b_advantages = normalize_advantages(b_advantages)
@@ -602,8 +684,7 @@ def train(args: Args) -> None:
 
             optimizer.zero_grad()
             loss.backward()
-            # Raises before the step on a NaN/inf gradient, so the weights stay finite.
-            nn.utils.clip_grad_norm_(agent.parameters(), args.max_grad_norm, error_if_nonfinite=True)
+            clip_gradients(agent, args.max_grad_norm)
             optimizer.step()
 
             if update % LOG_EVERY == 0 or update == num_updates:
@@ -615,30 +696,19 @@ def train(args: Args) -> None:
                                   global_step)
                 writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
                 status.update(global_step, episode_stats.return_queue)
+        exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
+    except NonFiniteGradient:
+        exit_code = 1
+    finally:  # every way out, a crash included: keep what was learned, close the logs
+        stop.restore()
         status.update(global_step, episode_stats.return_queue, force=True)
         status.close()
-        save("end of training")
-    except KeyboardInterrupt:
-        status.close()
-        print(f"{SCRIPT}: interrupted at step {global_step}")
-        save("interrupted")
+        if args.save_model:
+            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_norm, reward_norm)
+            print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
-        sys.exit(130)
-    except RuntimeError as e:
-        if "non-finite" not in str(e):
-            raise
-        status.close()
-        save("non-finite gradient")
-        writer.close()
-        envs.close()
-        print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
-              "stopped before applying it", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        ctrl_c.restore()
-    writer.close()
-    envs.close()
+    report_end(exit_code, global_step)
 
 
 def evaluate(args: Args) -> None:
@@ -671,14 +741,13 @@ def evaluate(args: Args) -> None:
                 returns[first] = info["episode"]["r"][first]
     envs.close()
 
+    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
+          f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
     from torch.utils.tensorboard import SummaryWriter
-    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(make_run_dir(f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}", False))
     for i, r in enumerate(returns):
         writer.add_scalar("eval/episodic_return", r, i)
     writer.close()
-    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
-          f"return {returns.mean():.2f} ± {returns.std():.2f}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

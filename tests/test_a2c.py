@@ -3,6 +3,7 @@ signs of the combined loss, the rollout's episode boundaries, and the script end
 
 import os
 import signal
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -11,7 +12,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import Counter, interrupt_script, one_line_error, read_tags, run_main, run_script
+from conftest import (Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
+                      run_script)
 
 
 def cols(rows, dtype=np.float32):
@@ -94,7 +96,7 @@ def step_on_combined_loss(vf_coef, ent_coef):
     opt = torch.optim.SGD(agent.parameters(), lr=0.05)
 
     def measure():
-        _, logp, ent, values = agent.get_action_and_value(obs, actions)
+        logp, ent, values = agent.evaluate_actions(obs, actions)
         return logp, ent, values
 
     logp, ent, values = measure()
@@ -247,6 +249,10 @@ def test_same_seed_same_returns(tmp_path):
     (["--num-envs", "-1"], ["--num-envs must be positive"]),
     (["--total-timesteps", "10"], ["less than one update"]),
     (["--eval-checkpoint", "missing.pt"], ["no checkpoint at missing.pt"]),
+    (["--seed", "-1"], ["--seed must lie in [0, 2^32)", "-1"]),
+    (["--seed", "99999999999"], ["--seed must lie in [0, 2^32)"]),
+    (["--seed", "99999999999", "--eval-checkpoint", "model.pt"], ["--seed must lie in [0, 2^32)"]),
+    (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(a2c, tmp_path, capsys, *argv), "a2c.py", *fragments)
@@ -292,10 +298,12 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_saves_model_and_logs(tmp_path):
-    out = interrupt_script("a2c.py", tmp_path, "--total-timesteps", "100000000", "--save-model")
-    assert out.returncode == 130, out.stderr
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path, signum, code):
+    out = interrupt_script("a2c.py", tmp_path, "--total-timesteps", "100000000", "--save-model", signum=signum)
+    assert out.returncode == code, out.stderr
     assert "Traceback" not in out.stderr
+    assert f"stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'} at step" in out.stdout
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "model.pt").exists()
 
@@ -344,3 +352,123 @@ def test_incomplete_or_misshapen_checkpoints_are_one_line(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "misshapen.pt")
     one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(tmp_path / "misshapen.pt")),
                    "a2c.py", "weights do not fit")
+
+
+def test_sigterm_is_a_request_too():
+    def previous(signum, frame):  # stands in for the default handler, which would end the test run
+        pass
+    before = signal.signal(signal.SIGTERM, previous)
+    try:
+        stop = a2c.StopRequest()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and stop.exit_code == 143
+            assert signal.getsignal(signal.SIGTERM) is previous  # a second SIGTERM acts as it would have
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_an_unwritable_working_directory_is_one_line(tmp_path, capsys):
+    out = run_main(a2c, tmp_path / "train", capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "train" / "runs").iterdir()
+    make_runs_unwritable(tmp_path / "ro")
+    one_line_error(run_main(a2c, tmp_path / "ro", capsys, *SMALL), "a2c.py", "cannot write runs/CartPole-v1__a2c__1__")
+    out = run_main(a2c, tmp_path / "ro", capsys, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2")
+    assert "eval: 2 episodes of CartPole-v1: return" in out.stdout
+    one_line_error(out, "a2c.py", "cannot write runs/CartPole-v1__a2c-eval__1__")
+
+
+# ---------------------------------------------------------------------------------------------
+# The acting copy's samplers against torch's distributions
+# ---------------------------------------------------------------------------------------------
+
+def test_numpy_policy_samples_follow_the_torch_distributions():
+    torch.manual_seed(0)
+    agent = a2c.ActorCritic(3, gym.spaces.Discrete(3))
+    with torch.no_grad():
+        agent.actor.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    obs = np.zeros((40_000, 3), np.float32)
+    probs = torch.distributions.Categorical(logits=agent.actor(agent.body(torch.zeros(1, 3)))).probs[0].detach().numpy()
+    actions = a2c.NumpyPolicy(agent, np.random.default_rng(0))(obs)
+    np.testing.assert_allclose(np.bincount(actions, minlength=3) / len(actions), probs, atol=0.01)
+
+    agent = a2c.ActorCritic(3, gym.spaces.Box(-1, 1, (2,)))
+    with torch.no_grad():
+        agent.log_std.copy_(torch.tensor([-1.0, 0.5]))
+    mean = agent.actor(agent.body(torch.zeros(1, 3)))[0].detach().numpy()
+    normal = torch.distributions.Normal(torch.from_numpy(mean), agent.log_std.exp().detach())
+    actions = a2c.NumpyPolicy(agent, np.random.default_rng(0))(obs)
+    np.testing.assert_allclose(actions.mean(0), normal.mean.numpy(), atol=0.02)
+    np.testing.assert_allclose(actions.std(0), normal.stddev.numpy(), rtol=0.02)
+
+
+def test_categorical_sampler_with_an_exponential_draw_of_zero_is_finite():
+    class ZeroAt1:  # a generator whose exponential draw for action 1 is exactly 0 (-log 0 = inf)
+        def standard_exponential(self, shape, dtype):
+            e = np.ones(shape, dtype)
+            e[..., 1] = 0.0
+            return e
+    policy = a2c.NumpyPolicy(a2c.ActorCritic(2, gym.spaces.Discrete(4)), ZeroAt1())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "divide by zero encountered in log" fails the test
+        actions = policy(np.zeros((3, 2), np.float32))
+    np.testing.assert_array_equal(actions, [1, 1, 1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward scaling: the discounted return restarts with every episode
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP])
+def test_reward_scale_restarts_the_return_after_a_truncation(mode):
+    # Counter pays 1, 2, ... and is cut by a time limit after 2 steps. γ = 0.5: each episode's
+    # G_t = r_t + γ G_{t-1} is 1, then 2 + 0.5 = 2.5, then 1 again (not 2.5·0.5 + 1 = 2.25).
+    # Over 2 episodes: G = 1, 2.5, 1, 2.5: mean 1.75, variance 0.5625 (the 1e-4 prior aside).
+    envs = gym.vector.SyncVectorEnv([lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2)],
+                                    autoreset_mode=mode)
+    envs = a2c.NormalizeReward(envs, gamma=0.5)
+    envs.reset(seed=0)
+    scaled = [envs.step(np.array([0]))[1][0] for _ in range(4 if mode == AutoresetMode.SAME_STEP else 5)]
+    np.testing.assert_allclose(envs.return_rms.mean, 1.75, rtol=1e-3)
+    np.testing.assert_allclose(envs.return_rms.var, 0.5625, rtol=1e-3)
+    assert scaled[-1] == pytest.approx(2 / np.sqrt(envs.return_rms.var + envs.epsilon))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tests that can fail: tiny envs with a known answer, learned end to end
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("env_id", ["Bandit-v0", "NextStepBandit-v0"])
+def test_learns_a_contextual_bandit(tmp_path, capsys, env_id):
+    # π(a = s | s) → 1: the last 100 episodes score above 0.9 (uniform: 0.5; a sign-flipped learner: 0).
+    # NextStepBandit's reset steps pay the wrong action: only a learner that leaves them out gets here.
+    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--total-timesteps", "8192")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9
+
+
+def test_learns_the_bandits_value(tmp_path, capsys):
+    # Without normalisation V is in the env's units: the critic learned V(s) = 1, the learned policy's return.
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "Bandit-v0", "--total-timesteps", "8192", "--no-norm-obs",
+                   "--no-norm-reward", "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9
+    agent = a2c.ActorCritic(2, gym.spaces.Discrete(2))
+    agent.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    np.testing.assert_allclose(agent.get_value(torch.eye(2)).detach().numpy(), [1.0, 1.0], atol=0.2)
+
+
+def test_the_entropy_bonus_keeps_the_entropy_up(tmp_path, capsys):
+    def final_entropy(name, *argv):
+        out = run_main(a2c, tmp_path / name, capsys, "--env-id", "Bandit-v0", "--total-timesteps", "4096", *argv)
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / name / "runs").iterdir()
+        return read_tags(run)[0]["losses/entropy"][-1]
+    # A bonus this large outweighs the normalised advantages: the policy stays near uniform (H ≤ ln 2 = 0.69).
+    assert final_entropy("bonus", "--ent-coef", "5.0") > 0.5 > final_entropy("none", "--ent-coef", "0.0")
