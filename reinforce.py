@@ -16,7 +16,9 @@ G_t = Σ_{k≥t} γ^{k-t} r_k (see `discounted_returns`). And a time limit is ha
 deliberately (see `discounted_returns` and `collect_episodes`).
 """
 
+import collections
 import importlib.util
+import math
 import os
 import random
 import signal
@@ -48,12 +50,12 @@ class Args:
     capture_video: bool = False
     """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
     save_model: bool = False
-    """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C)"""
+    """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
 
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete or Box actions)"""
     total_timesteps: int = 500_000
-    """total env steps of the experiment"""
+    """total env steps of the experiment: at most this many are played; a batch whose episodes do not all end within them is not trained on"""
     learning_rate: float = 5e-3
     """the learning rate of the Adam optimizer"""
     num_envs: int = 8
@@ -80,6 +82,11 @@ class NonFiniteLoss(Exception):
 
 
 def check_args(args: Args) -> None:
+    for name, value in asdict(args).items():  # NaN slips through every comparison below
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
+    if not 0 <= args.seed < 2**32:  # numpy's global seed takes no more
+        raise UserError(f"--seed must lie in [0, 2^32), got {args.seed}")
     counts = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs,
                   episodes_per_update=args.episodes_per_update, eval_episodes=args.eval_episodes)
     for name, value in counts.items():
@@ -88,6 +95,9 @@ def check_args(args: Args) -> None:
     if args.episodes_per_update % args.num_envs:
         raise UserError(f"--episodes-per-update {args.episodes_per_update} is not a multiple of "
                         f"--num-envs {args.num_envs}: each env plays the same number of episodes per update")
+    if args.total_timesteps < args.episodes_per_update:  # each episode takes at least one step
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch "
+                        f"(--episodes-per-update {args.episodes_per_update} episodes take at least as many steps)")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if not 0.0 < args.gamma <= 1.0:
@@ -143,9 +153,7 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
     if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
         envs.close()
         raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box")
-    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
-    envs.action_space.seed(seed)
-    return envs
+    return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -216,7 +224,7 @@ class NumpyPolicy:
         self.rng = rng
 
     def forward(self, obs: np.ndarray) -> np.ndarray:
-        x = obs
+        x = obs.astype(np.float32, copy=False)  # MuJoCo observes in float64; the policy is float32
         for i, (weight, bias) in enumerate(self.layers):
             x = x @ weight + bias
             if i < len(self.layers) - 1:
@@ -225,8 +233,11 @@ class NumpyPolicy:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         out = self.forward(obs)
-        if self.std is None:  # Gumbel-max: argmax(logits + Gumbel noise) is a sample of softmax(logits)
-            return np.argmax(out - np.log(self.rng.standard_exponential(out.shape, dtype=out.dtype)), axis=-1)
+        if self.std is None:  # Gumbel-max: argmax(logits - log e), e ~ Exp(1), is a sample of softmax(logits)
+            # A float32 draw can be exactly 0, whose log is -inf; the smallest positive float
+            # picks the same action (its noise, 87, beats any logit gap) without the warning.
+            e = self.rng.standard_exponential(out.shape, dtype=out.dtype)
+            return np.argmax(out - np.log(np.maximum(e, np.finfo(e.dtype).tiny)), axis=-1)
         return out + self.std * self.rng.standard_normal(out.shape, dtype=out.dtype)
 
 
@@ -248,10 +259,11 @@ class Episodes:
     dones: np.ndarray
     mask: np.ndarray
     num_episodes: int
+    complete: bool
 
 
 def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = None,
-                     on_episode=None) -> Episodes:
+                     on_episode=None, max_steps: Optional[int] = None) -> Episodes:
     """Reset every env, then step until each has played `episodes_per_env` complete episodes.
 
     Every env plays the same number of episodes from a fresh start, so the batch is not
@@ -259,6 +271,9 @@ def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = 
     An env that has played its quota keeps stepping (the vector env steps all together) but
     those steps are masked out. A truncated episode counts as complete: see `discounted_returns`.
     Box actions are stored as sampled and clipped to the space only for the env.
+    `on_episode(returns, lengths)` hears of the batch's episodes only, not of those an env plays
+    while it waits. Stepping stops after `max_steps` env steps (all envs together), the batch
+    then `complete` only if every env has played its quota.
     """
     next_step_mode = envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     space = envs.single_action_space
@@ -268,7 +283,7 @@ def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = 
     played = np.zeros(num_envs, np.int64)
     resetting = np.zeros(num_envs, bool)
     steps = {"obs": [], "actions": [], "rewards": [], "dones": [], "mask": []}
-    while (played < episodes_per_env).any():
+    while (played < episodes_per_env).any() and (max_steps is None or (len(steps["obs"]) + 1) * num_envs <= max_steps):
         action = policy(obs)
         steps["obs"].append(obs)
         steps["actions"].append(action)
@@ -281,11 +296,14 @@ def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = 
         if next_step_mode:
             resetting = done
         if on_episode is not None and "_episode" in info:
-            ended = info["_episode"]
+            ended = info["_episode"] & steps["mask"][-1]
             on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
+    if not steps["obs"]:  # no step fitted in max_steps
+        return Episodes(*(np.zeros((0, num_envs)) for _ in range(5)), num_episodes=0, complete=False)
     return Episodes(obs=np.stack(steps["obs"]).astype(np.float32), actions=np.stack(steps["actions"]),
                     rewards=np.stack(steps["rewards"]).astype(np.float32), dones=np.stack(steps["dones"]),
-                    mask=np.stack(steps["mask"]), num_episodes=episodes_per_env * num_envs)
+                    mask=np.stack(steps["mask"]), num_episodes=episodes_per_env * num_envs,
+                    complete=bool((played >= episodes_per_env).all()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,29 +420,70 @@ class StatusLine:
 
 
 class StopRequest:
-    """Ctrl-C asks training to stop at the next iteration; a second Ctrl-C stops at once.
+    """Ctrl-C (SIGINT) or SIGTERM asks training to stop at the next iteration; a second Ctrl-C stops at once.
 
-    A KeyboardInterrupt raised wherever Ctrl-C lands can land inside TensorBoard's writer queue
-    and lose the wake-up of its thread, and closing the writer then hangs for up to two minutes.
+    `kill`, `timeout` and cluster schedulers send SIGTERM. A KeyboardInterrupt raised wherever
+    Ctrl-C lands can land inside TensorBoard's writer queue and lose the wake-up of its thread,
+    and closing the writer then hangs for up to two minutes: so the first one only asks.
     """
 
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self):
-        self.requested = False
-        self.previous = signal.getsignal(signal.SIGINT)
-        if self.previous is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: so do we
-            signal.signal(signal.SIGINT, self._request)
+        self.signum = None
+        self.previous = {signum: signal.getsignal(signum) for signum in self.SIGNALS}
+        for signum, previous in self.previous.items():
+            if previous is not signal.SIG_IGN:  # a shell's background job ignores Ctrl-C: so do we
+                signal.signal(signum, self._request)
 
     def _request(self, signum, frame):
-        self.requested = True
-        signal.signal(signal.SIGINT, self.previous)
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])  # the second acts as it would have
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    @property
+    def exit_code(self) -> int:
+        """0 if nothing was asked, else the shell's 128 + signal number: 130 (Ctrl-C), 143 (SIGTERM)."""
+        return 0 if self.signum is None else 128 + self.signum
 
     def restore(self) -> None:
-        signal.signal(signal.SIGINT, self.previous)
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+
+
+def make_run_dir(run_name: str, capture_video: bool) -> str:
+    """runs/RUN (and videos/RUN), made first: a directory that cannot be written is one line, not a late crash."""
+    run_dir = f"runs/{run_name}"
+    for path in [run_dir] + ([f"videos/{run_name}"] if capture_video else []):
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot write {path} in {os.getcwd()} ({e.strerror})") from None
+    return run_dir
+
+
+# How training ended, by exit code (None: an exception is on its way out).
+ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
+
+
+def report_end(exit_code: int, global_step: int) -> None:
+    """Say how training ended and exit with its code: 0, 1 (NaN), 130 (Ctrl-C), 143 (SIGTERM)."""
+    if exit_code == 1:
+        print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
+              "stopped before applying it", file=sys.stderr)
+    elif exit_code:
+        print(f"{SCRIPT}: stopped by {ENDINGS[exit_code]} at step {global_step}")
+    if exit_code:
+        sys.exit(exit_code)
 
 
 def train(args: Args) -> None:
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_dir = make_run_dir(run_name, args.capture_video)
     device = select_device(args)
     seed_everything(args)
 
@@ -433,38 +492,38 @@ def train(args: Args) -> None:
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=device.type in ("cpu", "cuda"))
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(run_dir)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     rng = np.random.default_rng(args.seed)
     global_step = 0
     status = StatusLine(args.total_timesteps)
+    recent_returns = collections.deque(maxlen=100)  # the batches' episodes, for the status line
 
     def on_episode(returns, lengths):
+        recent_returns.extend(returns)
         for r, l in zip(returns, lengths):
             writer.add_scalar("charts/episodic_return", r, global_step)
             writer.add_scalar("charts/episodic_length", l, global_step)
 
-    def save(reason: str) -> None:
-        if args.save_model:
-            path = f"runs/{run_name}/model.pt"
-            save_checkpoint(path, args, global_step, policy, optimizer, envs)
-            print(f"{SCRIPT}: model saved to {path} ({reason})")
-
     start_time = time.time()
     first_batch = True
-    ctrl_c = StopRequest()
+    stop = StopRequest()
+    exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
         while global_step < args.total_timesteps:
-            if ctrl_c.requested:  # Ctrl-C was pressed: stop here, between two iterations
-                raise KeyboardInterrupt
+            if stop.requested:  # Ctrl-C or SIGTERM: stop here, between two batches
+                break
             # 1. Sample N complete episodes from π_θ (an env's first reset is seeded).
             batch = collect_episodes(envs, NumpyPolicy(policy, rng),
                                      args.episodes_per_update // args.num_envs,
-                                     seed=args.seed if first_batch else None, on_episode=on_episode)
+                                     seed=args.seed if first_batch else None, on_episode=on_episode,
+                                     max_steps=args.total_timesteps - global_step)
             first_batch = False
             global_step += batch.mask.size
+            if not batch.complete:  # --total-timesteps ran out before the batch's episodes ended
+                break
 
             # 2. Rewards-to-go G_t, normalised over the batch's steps.
             returns = discounted_returns(batch.rewards, batch.dones, args.gamma)[batch.mask]
@@ -487,29 +546,20 @@ def train(args: Args) -> None:
             writer.add_scalar("losses/policy_loss", loss.item(), global_step)
             writer.add_scalar("losses/entropy", entropy.mean().item(), global_step)
             writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
-            status.update(global_step, envs.return_queue)
-        status.update(global_step, envs.return_queue, force=True)
-        status.close()
-        save("end of training")
-    except KeyboardInterrupt:
-        status.close()
-        print(f"{SCRIPT}: interrupted at step {global_step}")
-        save("interrupted")
-        writer.close()
-        envs.close()
-        sys.exit(130)
+            status.update(global_step, recent_returns)
+        exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
     except NonFiniteLoss:
+        exit_code = 1
+    finally:  # every way out, a crash included: keep what was learned, close the logs
+        stop.restore()
+        status.update(global_step, recent_returns, force=True)
         status.close()
-        save("non-finite gradient")
+        if args.save_model:
+            save_checkpoint(f"{run_dir}/model.pt", args, global_step, policy, optimizer, envs)
+            print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
-        print(f"{SCRIPT}: error: the loss became NaN or infinite at step {global_step}; "
-              "stopped before applying it", file=sys.stderr)
-        sys.exit(1)
-    finally:
-        ctrl_c.restore()
-    writer.close()
-    envs.close()
+    report_end(exit_code, global_step)
 
 
 def evaluate(args: Args) -> None:
@@ -540,14 +590,13 @@ def evaluate(args: Args) -> None:
                 returns[first] = info["episode"]["r"][first]
     envs.close()
 
+    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
+          f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
     from torch.utils.tensorboard import SummaryWriter
-    run_name = f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
-    writer = SummaryWriter(f"runs/{run_name}")
+    writer = SummaryWriter(make_run_dir(f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}", False))
     for i, r in enumerate(returns):
         writer.add_scalar("eval/episodic_return", r, i)
     writer.close()
-    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
-          f"return {returns.mean():.2f} ± {returns.std():.2f}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

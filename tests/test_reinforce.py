@@ -4,6 +4,7 @@ numbers worked out by hand; the episode batching in both autoreset modes; the sc
 import math
 import os
 import signal
+import warnings
 
 import gymnasium as gym
 import numpy as np
@@ -12,7 +13,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import reinforce
-from conftest import Counter, interrupt_script, one_line_error, read_tags, run_main, run_script
+from conftest import (Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
+                      run_script)
 
 
 def cols(rows, dtype=np.float32):
@@ -140,6 +142,37 @@ def test_collect_episodes_same_step():
     assert returns[batch.mask].tolist() == [2.75, 2, 3.5, 2, 3, 2, 2.75, 2, 3.5, 3]
 
 
+def test_only_the_batch_episodes_are_reported():
+    # As above: env 1's third episode (steps 4-5, masked while it waits for env 0) is no part of
+    # the batch, so it is not logged: the batch's four episodes score 1+2+3 = 6 and 1+2 = 3.
+    logged = []
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(counter_envs(AutoresetMode.SAME_STEP))
+    batch = reinforce.collect_episodes(envs, zeros_policy, 2, seed=0,
+                                       on_episode=lambda r, l: logged.extend(zip(r.tolist(), l.tolist())))
+    assert batch.complete
+    assert logged == [(3, 2), (6, 3), (3, 2), (6, 3)]
+
+
+def test_a_step_budget_ends_the_batch_incomplete():
+    # 8 steps of 2 envs fit in a budget of 17 steps; env 0 needs 6 steps and env 1 4: 6·2 = 12 ≤ 17.
+    assert reinforce.collect_episodes(counter_envs(AutoresetMode.SAME_STEP), zeros_policy, 2, seed=0,
+                                      max_steps=12).complete
+    # 11 steps leave room for 5 steps of both envs: env 0's second episode does not end.
+    short = reinforce.collect_episodes(counter_envs(AutoresetMode.SAME_STEP), zeros_policy, 2, seed=0, max_steps=11)
+    assert not short.complete and short.mask.size == 10
+
+
+def test_total_timesteps_is_never_exceeded(tmp_path, capsys):
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", "Bandit-v0", "--total-timesteps", "100", "--num-envs", "4",
+                   "--episodes-per-update", "8", "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    # One-step episodes: a batch of 8 takes 8 steps (2 per env): 12 batches, 96 steps. The 13th gets
+    # the 4 steps left, one per env, ends incomplete and is not trained on: 100 steps played, no more.
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 100
+    assert len(read_tags(run)[0]["losses/policy_loss"]) == 12
+
+
 def test_collect_episodes_next_step_masks_reset_steps():
     batch = reinforce.collect_episodes(counter_envs(AutoresetMode.NEXT_STEP), zeros_policy, 2, seed=0)
     # env 0: 0→1, 1→2, 2→3 (end), reset step, 0→1, 1→2, 2→3 (end)
@@ -222,6 +255,11 @@ def test_same_seed_same_returns(tmp_path):
     (["--num-envs", "0"], ["--num-envs must be positive"]),
     (["--episodes-per-update", "-2"], ["--episodes-per-update must be positive"]),
     (["--eval-checkpoint", "missing.pt"], ["no checkpoint at missing.pt"]),
+    (["--total-timesteps", "10"], ["less than one batch"]),
+    (["--seed", "-1"], ["--seed must lie in [0, 2^32)", "-1"]),
+    (["--seed", "99999999999"], ["--seed must lie in [0, 2^32)"]),
+    (["--seed", "99999999999", "--eval-checkpoint", "model.pt"], ["--seed must lie in [0, 2^32)"]),
+    (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(reinforce, tmp_path, capsys, *argv), "reinforce.py", *fragments)
@@ -267,10 +305,12 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_saves_model_and_logs(tmp_path):
-    out = interrupt_script("reinforce.py", tmp_path, "--total-timesteps", "10000000", "--save-model")
-    assert out.returncode == 130, out.stderr
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path, signum, code):
+    out = interrupt_script("reinforce.py", tmp_path, "--total-timesteps", "10000000", "--save-model", signum=signum)
+    assert out.returncode == code, out.stderr
     assert "Traceback" not in out.stderr
+    assert f"stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'} at step" in out.stdout
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "model.pt").exists()
     assert read_tags(run)[0]["charts/SPS"]
@@ -320,3 +360,96 @@ def test_incomplete_or_misshapen_checkpoints_are_one_line(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "misshapen.pt")
     one_line_error(run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(tmp_path / "misshapen.pt")),
                    "reinforce.py", "weights do not fit")
+
+
+def test_sigterm_is_a_request_too():
+    def previous(signum, frame):  # stands in for the default handler, which would end the test run
+        pass
+    before = signal.signal(signal.SIGTERM, previous)
+    try:
+        stop = reinforce.StopRequest()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert stop.requested and stop.exit_code == 143
+            assert signal.getsignal(signal.SIGTERM) is previous  # a second SIGTERM acts as it would have
+        finally:
+            stop.restore()
+        assert signal.getsignal(signal.SIGTERM) is previous
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
+def test_an_unwritable_working_directory_is_one_line(tmp_path, capsys):
+    out = run_main(reinforce, tmp_path / "train", capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "train" / "runs").iterdir()
+    make_runs_unwritable(tmp_path / "ro")
+    one_line_error(run_main(reinforce, tmp_path / "ro", capsys, *SMALL), "reinforce.py",
+                   "cannot write runs/CartPole-v1__reinforce__1__")
+    out = run_main(reinforce, tmp_path / "ro", capsys, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2")
+    assert "eval: 2 episodes of CartPole-v1: return" in out.stdout
+    one_line_error(out, "reinforce.py", "cannot write runs/CartPole-v1__reinforce-eval__1__")
+
+
+def test_numpy_policy_samples_follow_the_torch_categorical_and_act_in_float32():
+    torch.manual_seed(0)
+    policy = reinforce.Policy(3, gym.spaces.Discrete(3))
+    with torch.no_grad():
+        policy.net[-1].bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
+    probs = torch.distributions.Categorical(logits=policy.net(torch.zeros(1, 3))).probs[0].detach().numpy()
+    acting = reinforce.NumpyPolicy(policy, np.random.default_rng(0))
+    actions = acting(np.zeros((40_000, 3)))  # float64 observations, as MuJoCo gives
+    np.testing.assert_allclose(np.bincount(actions, minlength=3) / len(actions), probs, atol=0.01)
+    assert acting.forward(np.zeros((2, 3))).dtype == np.float32
+
+
+def test_categorical_sampler_with_an_exponential_draw_of_zero_is_finite():
+    class ZeroAt1:  # a generator whose exponential draw for action 1 is exactly 0 (-log 0 = inf)
+        def standard_exponential(self, shape, dtype):
+            e = np.ones(shape, dtype)
+            e[..., 1] = 0.0
+            return e
+    policy = reinforce.NumpyPolicy(reinforce.Policy(2, gym.spaces.Discrete(4)), ZeroAt1())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "divide by zero encountered in log" fails the test
+        actions = policy(np.zeros((3, 2), np.float32))
+    np.testing.assert_array_equal(actions, [1, 1, 1])
+
+
+@pytest.mark.parametrize("env_id", ["Bandit-v0", "NextStepBandit-v0"])
+def test_learns_a_contextual_bandit(tmp_path, capsys, env_id):
+    # π(a = s | s) → 1: the last 100 episodes score above 0.9 (uniform: 0.5; a sign-flipped learner: 0).
+    # NextStepBandit's reset steps pay the wrong action: only a learner that leaves them out gets here.
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, "--total-timesteps", "4096")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9
+
+
+class ContinuousBandit(gym.Env):
+    """A one-step target: s is 0 or 1 at random, seen one-hot; reward -(a - u_s)², u = (-0.5, 0.5)."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.s = int(self.np_random.integers(2))
+        return one_hot(self.s), {}
+
+    def step(self, action):
+        return one_hot(self.s), -float((action[0] - (self.s - 0.5)) ** 2), True, False, {}
+
+
+gym.register("ReinforceContinuousBandit-v0", entry_point=ContinuousBandit)
+
+
+def test_learns_a_continuous_bandit(tmp_path, capsys):
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", "ReinforceContinuousBandit-v0", "--total-timesteps", "8192",
+                   "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    policy = reinforce.Policy(2, ContinuousBandit.action_space)
+    policy.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    # The Gaussian's mean found both targets (a random or sign-flipped policy is off by 0.5 or more).
+    np.testing.assert_allclose(policy.act_deterministic(torch.eye(2))[:, 0].detach().numpy(), [-0.5, 0.5], atol=0.15)
