@@ -356,8 +356,9 @@ def test_learns_offset_target_and_evaluates_as_trained(tmp_path, capsys):
 
 
 class ContinuousBandit(gym.Env):
-    """A one-step target: s is 0 or 1 at random, seen one-hot; reward -(a - u_s)², u = (-0.5, 0.5).
-    The answer is known: μ(s) = u_s; and the critic's, whatever σ is: V(s) = E[r] = -(μ(s) - u_s)² - σ²."""
+    """A one-step target: s is 0 or 1 at random, seen one-hot; reward 1 - (a - u_s)², u = (-0.5, 0.5).
+    The answer is known: μ(s) = u_s; and the critic's, whatever σ is: V(s) = E[r] = 1 - (μ(s) - u_s)² - σ²
+    (the 1 keeps V far from what a critic trained on the advantages instead would learn)."""
 
     observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
@@ -369,7 +370,7 @@ class ContinuousBandit(gym.Env):
         return one_hot(self.s), {}
 
     def step(self, action):
-        return one_hot(self.s), -float((action[0] - self.targets[self.s]) ** 2), True, False, {}
+        return one_hot(self.s), 1.0 - float((action[0] - self.targets[self.s]) ** 2), True, False, {}
 
 
 gym.register("ContinuousBandit-v0", entry_point=ContinuousBandit)
@@ -390,9 +391,9 @@ def test_learns_a_continuous_bandit_and_its_value(tmp_path, capsys):
     mean, sigma = policy.mean(states)[:, 0], float(policy.std[0])
     # The policy's mean found both targets (a random or sign-flipped one is off by 0.5 or more).
     np.testing.assert_allclose(mean, [-0.5, 0.5], atol=0.1)
-    # The critic knows what that policy earns: V(s) = -(μ(s) - u_s)² - σ².
+    # The critic knows what that policy earns: V(s) = 1 - (μ(s) - u_s)² - σ².
     obs = torch.from_numpy(pc.normalize_observations(states, policy.obs_rms.mean, policy.obs_rms.var, 10.0))
-    expected = -(mean - np.array([-0.5, 0.5])) ** 2 - sigma ** 2
+    expected = 1.0 - (mean - np.array([-0.5, 0.5])) ** 2 - sigma ** 2
     np.testing.assert_allclose(agent.get_value(obs).detach().numpy(), expected, atol=0.05)
 
 
@@ -434,7 +435,7 @@ def bandit_batch(n=256):
     agent = pc.Agent(2, 1, log_std_init=-0.5)
     obs = torch.eye(2)[s]
     actions = torch.randn(n, 1, generator=g) * 0.6
-    rewards = -(actions[:, 0] - (s.float() - 0.5)) ** 2
+    rewards = 1.0 - (actions[:, 0] - (s.float() - 0.5)) ** 2
     with torch.no_grad():
         logprobs, _, values = agent.evaluate_actions(obs, actions)
     return agent, pc.Batch(obs, actions, logprobs, values, advantages=rewards - values, returns=rewards)
