@@ -100,8 +100,6 @@ class NonFiniteGradient(Exception):
     """The loss or its gradient became NaN or infinite: training stops before applying it, exit code 1."""
 
 
-
-
 def check_args(args: Args) -> None:
     for name, value in asdict(args).items():  # NaN slips through every comparison below
         if isinstance(value, float) and not math.isfinite(value):
@@ -200,19 +198,23 @@ class NormalizeReward(gym.wrappers.vector.NormalizeReward):
 
     The scale estimated is that of an episode's discounted return, and after a time limit the
     next rewards belong to a new episode: ppo_continuous.py and SB3's VecNormalize restart there
-    too. Gymnasium 1.4's wrapper carries a truncated episode's return (and the last reward of a
-    terminated one) into the next episode.
+    too. Gymnasium 1.4's wrapper, in NEXT_STEP mode, carries a truncated episode's return (and
+    the last reward of a terminated one) into the next episode.
     """
 
     def __init__(self, env, gamma: float):
         super().__init__(env, gamma=gamma)
         self.after_done = np.zeros(self.num_envs, bool)
 
+    def reset(self, **kwargs):
+        self.after_done[:] = False
+        return super().reset(**kwargs)
+
     def step(self, actions):
         obs, reward, terminated, truncated, info = self.env.step(actions)
         real = ~self.after_done  # in NEXT_STEP mode the step after an episode's end is a reset
         self.accumulated_reward[real] = self.gamma * self.accumulated_reward[real] + reward[real]
-        if self._update_running_mean and real.any():
+        if self.update_running_mean and real.any():
             self.return_rms.update(self.accumulated_reward[real])
         done = terminated | truncated
         self.accumulated_reward[done] = 0.0
@@ -300,6 +302,14 @@ class ActorCritic(nn.Module):
         return out.argmax(-1) if self.discrete else out
 
 
+def sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """a = argmax_i(logits_i + g_i), g_i = -log e_i ~ Gumbel(0, 1), e_i ~ Exp(1), is a sample of softmax(logits)."""
+    e = rng.standard_exponential(logits.shape, dtype=logits.dtype)
+    # A float32 draw can be exactly 0, whose log is -inf; the smallest positive float picks the
+    # same action (its g = 87 beats any logit gap) without the warning.
+    return np.argmax(logits - np.log(np.maximum(e, np.finfo(e.dtype).tiny)), axis=-1)
+
+
 class NumpyPolicy:
     """a ~ π_θ(·|s) for the rollout: body and actor head in numpy, on a copy of the weights.
 
@@ -324,11 +334,8 @@ class NumpyPolicy:
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         out = self.forward(obs)
-        if self.std is None:  # Gumbel-max: argmax(logits - log e), e ~ Exp(1), is a sample of softmax(logits)
-            # A float32 draw can be exactly 0, whose log is -inf; the smallest positive float
-            # picks the same action (its noise, 87, beats any logit gap) without the warning.
-            e = self.rng.standard_exponential(out.shape, dtype=out.dtype)
-            return np.argmax(out - np.log(np.maximum(e, np.finfo(e.dtype).tiny)), axis=-1)
+        if self.std is None:
+            return sample_categorical(out, self.rng)
         return out + self.std * self.rng.standard_normal(out.shape, dtype=out.dtype)
 
 

@@ -3,6 +3,7 @@ signs of the combined loss, the rollout's episode boundaries, and the script end
 
 import os
 import signal
+import sys
 import warnings
 
 import gymnasium as gym
@@ -60,8 +61,11 @@ def test_advantages_are_constants():
 
 
 def test_normalize_advantages():
-    # mean 2, sample std 1 → (-1, 0, 1)
+    # mean 2, sample std 1 → (-1, 0, 1); and 10·A + 5 = (15, 25, 35): mean 25, std 10 → (-1, 0, 1) again,
+    # so with --norm-adv the actor's step does not depend on the scale of the returns.
     torch.testing.assert_close(a2c.normalize_advantages(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(a2c.normalize_advantages(torch.tensor([15.0, 25.0, 35.0])),
+                               torch.tensor([-1.0, 0.0, 1.0]))
 
 
 def test_actor_loss():
@@ -273,7 +277,7 @@ def test_checkpoint_errors(tmp_path, capsys):
                             str(run / "model.pt")), "a2c.py", "trained on CartPole-v1", "--env-id CartPole-v1")
 
 
-def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
+def test_first_ctrl_c_is_a_request_and_the_second_interrupts(python_sigint):
     before = signal.getsignal(signal.SIGINT)
     stop = a2c.StopRequest()
     try:
@@ -305,7 +309,27 @@ def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path, signum, code):
     assert "Traceback" not in out.stderr
     assert f"stopped by {'Ctrl-C' if code == 130 else 'SIGTERM'} at step" in out.stdout
     (run,) = (tmp_path / "runs").iterdir()
-    assert (run / "model.pt").exists()
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] > 0
+    assert TAGS <= set(read_tags(run)[0])
+
+
+def test_a_crash_saves_what_was_learned(tmp_path, capsys, monkeypatch):
+    def crash(*a, **k):
+        raise OSError("the env's simulator died")
+    real_returns = a2c.n_step_returns
+
+    def returns_then_crash(*a, **k):  # the second update's rollout crashes, after one update
+        monkeypatch.setattr(a2c, "collect_rollout", crash)
+        return real_returns(*a, **k)
+    monkeypatch.setattr(a2c, "n_step_returns", returns_then_crash)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError):
+        a2c.main([*SMALL, "--save-model"])
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    # One update's 64 steps; the observation statistics saw them and the 4 first observations.
+    assert ckpt["global_step"] == 64 and ckpt["obs_rms"]["count"] == pytest.approx(68, abs=1e-3)  # + the 1e-4 prior
+    assert "(crashed)" in capsys.readouterr().out
 
 
 def test_non_finite_loss_stops_and_saves(tmp_path, capsys, monkeypatch):
@@ -327,11 +351,7 @@ def test_non_finite_loss_stops_and_saves(tmp_path, capsys, monkeypatch):
 
 
 def test_capture_video_without_a_renderer(tmp_path, capsys, monkeypatch):
-    try:
-        import pygame  # noqa: F401
-        pytest.skip("pygame is installed, so CartPole can render")
-    except ImportError:
-        pass
+    monkeypatch.setitem(sys.modules, "pygame", None)  # as if pygame (which renders CartPole) were not installed
     real_find_spec = a2c.importlib.util.find_spec
     monkeypatch.setattr(a2c.importlib.util, "find_spec",  # as if moviepy were installed
                         lambda name, *a: object() if name == "moviepy" else real_find_spec(name, *a))
@@ -423,16 +443,23 @@ def test_categorical_sampler_with_an_exponential_draw_of_zero_is_finite():
 # Reward scaling: the discounted return restarts with every episode
 # ---------------------------------------------------------------------------------------------
 
+EPISODES_OF_TWO_STEPS = {"truncated": lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2),
+                         "terminated": lambda: Counter(terminate_at=2)}
+
+
 @pytest.mark.parametrize("mode", [AutoresetMode.SAME_STEP, AutoresetMode.NEXT_STEP])
-def test_reward_scale_restarts_the_return_after_a_truncation(mode):
-    # Counter pays 1, 2, ... and is cut by a time limit after 2 steps. γ = 0.5: each episode's
+@pytest.mark.parametrize("end", ["truncated", "terminated"])
+def test_reward_scale_restarts_the_return_after_every_episode_end(mode, end):
+    # Counter pays 1, 2, ... and its episodes end after 2 steps. γ = 0.5: each episode's
     # G_t = r_t + γ G_{t-1} is 1, then 2 + 0.5 = 2.5, then 1 again (not 2.5·0.5 + 1 = 2.25).
     # Over 2 episodes: G = 1, 2.5, 1, 2.5: mean 1.75, variance 0.5625 (the 1e-4 prior aside).
-    envs = gym.vector.SyncVectorEnv([lambda: gym.wrappers.TimeLimit(Counter(), max_episode_steps=2)],
-                                    autoreset_mode=mode)
+    # (Gymnasium's own wrapper, NEXT_STEP: G = 1, 2.5, 2.25, 3.125 truncated; 1, 2, 2, 2 terminated.)
+    envs = gym.vector.SyncVectorEnv([EPISODES_OF_TWO_STEPS[end]], autoreset_mode=mode)
     envs = a2c.NormalizeReward(envs, gamma=0.5)
     envs.reset(seed=0)
+    # NEXT_STEP: the third step is a reset step (reward 0), which takes no part.
     scaled = [envs.step(np.array([0]))[1][0] for _ in range(4 if mode == AutoresetMode.SAME_STEP else 5)]
+    np.testing.assert_allclose(envs.accumulated_reward, [0.0])  # the second episode ended too
     np.testing.assert_allclose(envs.return_rms.mean, 1.75, rtol=1e-3)
     np.testing.assert_allclose(envs.return_rms.var, 0.5625, rtol=1e-3)
     assert scaled[-1] == pytest.approx(2 / np.sqrt(envs.return_rms.var + envs.epsilon))
@@ -452,9 +479,11 @@ def test_learns_a_contextual_bandit(tmp_path, capsys, env_id):
     assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9
 
 
-def test_learns_the_bandits_value(tmp_path, capsys):
-    # Without normalisation V is in the env's units: the critic learned V(s) = 1, the learned policy's return.
-    out = run_main(a2c, tmp_path, capsys, "--env-id", "Bandit-v0", "--total-timesteps", "8192", "--no-norm-obs",
+@pytest.mark.parametrize("env_id", ["Bandit-v0", "NextStepBandit-v0"])
+def test_learns_the_bandits_value(tmp_path, capsys, env_id):
+    # Without normalisation V is in the env's units: the critic learned V(s) = 1, the learned policy's
+    # return (NextStepBandit's reset steps, which pay 2 for the wrong action, must not reach it either).
+    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--total-timesteps", "8192", "--no-norm-obs",
                    "--no-norm-reward", "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
@@ -472,3 +501,87 @@ def test_the_entropy_bonus_keeps_the_entropy_up(tmp_path, capsys):
         return read_tags(run)[0]["losses/entropy"][-1]
     # A bonus this large outweighs the normalised advantages: the policy stays near uniform (H ≤ ln 2 = 0.69).
     assert final_entropy("bonus", "--ent-coef", "5.0") > 0.5 > final_entropy("none", "--ent-coef", "0.0")
+
+
+class ContinuousBandit(gym.Env):
+    """A one-step target for the Gaussian head: s is 0 or 1 at random, seen one-hot; reward
+    1 - (a - u_s)², u = (-0.5, 0.5). The answer is known: μ(s) = u_s; and the critic's, whatever σ
+    is: V(s) = E[r] = 1 - (μ(s) - u_s)² - σ² (the 1 keeps V far from what a critic trained on the
+    advantages instead would learn). The bounds are wide, so clipping the action changes nothing."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    action_space = gym.spaces.Box(-5.0, 5.0, (1,), np.float32)
+    targets = (-0.5, 0.5)
+
+    def reset(self, seed=None, options=None):
+        super().reset(seed=seed)
+        self.s = int(self.np_random.integers(2))
+        return one_hot(self.s), {}
+
+    def step(self, action):
+        return one_hot(self.s), 1.0 - float((action[0] - self.targets[self.s]) ** 2), True, False, {}
+
+
+gym.register("A2CContinuousBandit-v0", entry_point=ContinuousBandit)
+
+
+def test_learns_a_continuous_bandit_and_its_value(tmp_path, capsys):
+    # 512 updates of 4 envs x 4 steps (half of them reset steps); unscaled, so V is in the env's units.
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "A2CContinuousBandit-v0", "--num-envs", "4", "--num-steps", "4",
+                   "--total-timesteps", "8192", "--no-norm-obs", "--no-norm-reward", "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    agent = a2c.ActorCritic(2, ContinuousBandit.action_space)
+    agent.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    states = torch.eye(2)
+    with torch.no_grad():
+        mean, sigma = agent.act_deterministic(states)[:, 0].numpy(), agent.log_std.exp().item()
+        values = agent.get_value(states).numpy()
+    # The mean found both targets (the first policy's mean is near 0, off by 0.5), and σ shrank from 1.
+    np.testing.assert_allclose(mean, ContinuousBandit.targets, atol=0.1)
+    assert sigma < 0.6
+    # The critic knows what that policy earns: V(s) = 1 - (μ(s) - u_s)² - σ².
+    np.testing.assert_allclose(values, 1.0 - (mean - ContinuousBandit.targets) ** 2 - sigma ** 2, atol=0.05)
+
+
+def logged(tmp_path, capsys, name, *argv):
+    out = run_main(a2c, tmp_path / name, capsys, "--env-id", "Bandit-v0", *argv)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / name / "runs").iterdir()
+    return read_tags(run)[0]
+
+
+def test_anneal_lr_falls_linearly_to_zero(tmp_path, capsys):
+    # 400 updates of 2 envs x 2 steps, logged every 100th: lr_u = (1 - (u - 1)/400)·3e-3 for u = 100, 200,
+    # 300, 400, i.e. 3e-3 x (0.7525, 0.5025, 0.2525, 0.0025); without annealing, 3e-3 throughout.
+    small = ["--num-envs", "2", "--num-steps", "2", "--total-timesteps", "1600"]
+    np.testing.assert_allclose(logged(tmp_path, capsys, "annealed", *small)["charts/learning_rate"],
+                               [3e-3 * f for f in (0.7525, 0.5025, 0.2525, 0.0025)], rtol=1e-6)
+    np.testing.assert_allclose(logged(tmp_path, capsys, "constant", *small, "--no-anneal-lr")["charts/learning_rate"],
+                               [3e-3] * 4, rtol=1e-6)
+
+
+@pytest.mark.parametrize("norm_adv", [True, False])
+def test_norm_adv_decides_what_the_actor_is_given(tmp_path, capsys, monkeypatch, norm_adv):
+    # The actor's advantages are R - V(s) for this batch's returns and values, standardised over the
+    # batch with --norm-adv, as they are without. (The critic's loss sees the same R and V.)
+    given_actor, given_critic = [], []
+    real_actor_loss, real_critic_loss = a2c.actor_loss, a2c.critic_loss
+
+    def actor_loss(log_probs, advantages):
+        given_actor.append(advantages.detach().clone())
+        return real_actor_loss(log_probs, advantages)
+
+    def critic_loss(values, returns, *a):
+        given_critic.append((values.detach().clone(), returns.clone()))
+        return real_critic_loss(values, returns, *a)
+    monkeypatch.setattr(a2c, "actor_loss", actor_loss)
+    monkeypatch.setattr(a2c, "critic_loss", critic_loss)
+    logged(tmp_path, capsys, "run", "--total-timesteps", "1024", "--no-norm-reward",
+           *([] if norm_adv else ["--no-norm-adv"]))
+    assert len(given_actor) == len(given_critic) == 1024 // 128
+    for advantages, (values, returns) in zip(given_actor, given_critic):
+        raw = returns - values
+        standardised = (raw - raw.mean()) / (raw.std() + 1e-8)
+        assert (raw - standardised).abs().max() > 0.1  # so the two cases differ
+        torch.testing.assert_close(advantages, standardised if norm_adv else raw)
