@@ -271,9 +271,10 @@ def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = 
     An env that has played its quota keeps stepping (the vector env steps all together) but
     those steps are masked out. A truncated episode counts as complete: see `discounted_returns`.
     Box actions are stored as sampled and clipped to the space only for the env.
-    `on_episode(returns, lengths)` hears of the batch's episodes only, not of those an env plays
-    while it waits. Stepping stops after `max_steps` env steps (all envs together), the batch
-    then `complete` only if every env has played its quota.
+    Stepping stops after `max_steps` env steps (all envs together), the batch then `complete`
+    only if every env has played its quota. `on_episode(returns, lengths)` hears of the batch's
+    episodes once it is complete, and of no others: not of those an env plays while it waits,
+    nor of the short ones that end within an incomplete batch (it is not trained on).
     """
     next_step_mode = envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     space = envs.single_action_space
@@ -283,6 +284,7 @@ def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = 
     played = np.zeros(num_envs, np.int64)
     resetting = np.zeros(num_envs, bool)
     steps = {"obs": [], "actions": [], "rewards": [], "dones": [], "mask": []}
+    episode_returns, episode_lengths = [], []  # the env's own (RecordEpisodeStatistics), in order of ending
     while (played < episodes_per_env).any() and (max_steps is None or (len(steps["obs"]) + 1) * num_envs <= max_steps):
         action = policy(obs)
         steps["obs"].append(obs)
@@ -295,15 +297,18 @@ def collect_episodes(envs, policy, episodes_per_env: int, seed: Optional[int] = 
         played += done & steps["mask"][-1]
         if next_step_mode:
             resetting = done
-        if on_episode is not None and "_episode" in info:
+        if "_episode" in info:
             ended = info["_episode"] & steps["mask"][-1]
-            on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
+            episode_returns.extend(info["episode"]["r"][ended])
+            episode_lengths.extend(info["episode"]["l"][ended])
+    complete = bool((played >= episodes_per_env).all())
+    if complete and on_episode is not None:
+        on_episode(np.array(episode_returns), np.array(episode_lengths))
     if not steps["obs"]:  # no step fitted in max_steps
         return Episodes(*(np.zeros((0, num_envs)) for _ in range(5)), num_episodes=0, complete=False)
     return Episodes(obs=np.stack(steps["obs"]).astype(np.float32), actions=np.stack(steps["actions"]),
                     rewards=np.stack(steps["rewards"]).astype(np.float32), dones=np.stack(steps["dones"]),
-                    mask=np.stack(steps["mask"]), num_episodes=episodes_per_env * num_envs,
-                    complete=bool((played >= episodes_per_env).all()))
+                    mask=np.stack(steps["mask"]), num_episodes=episodes_per_env * num_envs, complete=complete)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ numbers worked out by hand; the episode batching in both autoreset modes; the sc
 import math
 import os
 import signal
+import sys
 import warnings
 
 import gymnasium as gym
@@ -13,8 +14,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import reinforce
-from conftest import (Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
-                      run_script)
+from conftest import (Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags,
+                      run_main, run_script)
 
 
 def cols(rows, dtype=np.float32):
@@ -101,17 +102,17 @@ def test_categorical_log_prob_and_entropy():
     torch.testing.assert_close(ent, torch.full((2,), 0.5623351))
 
 
-def test_numpy_policy_matches_the_network_and_samples_the_gaussian():
+def test_numpy_policy_matches_the_network_and_samples_the_torch_normal():
     policy = reinforce.Policy(3, gym.spaces.Box(-1, 1, (2,)))
     with torch.no_grad():
         policy.log_std.copy_(torch.log(torch.tensor([0.5, 2.0])))
     obs = np.random.default_rng(1).normal(size=(4, 3)).astype(np.float32)
     acting = reinforce.NumpyPolicy(policy, np.random.default_rng(0))
     np.testing.assert_allclose(acting.forward(obs), policy.net(torch.from_numpy(obs)).detach().numpy(), atol=1e-6)
-    samples = np.stack([acting(obs[:1])[0] for _ in range(20_000)])
-    mean = acting.forward(obs[:1])[0]
-    np.testing.assert_allclose(samples.mean(0), mean, atol=0.05)   # σ/√n ≈ 0.004, 0.014
-    np.testing.assert_allclose(samples.std(0), [0.5, 2.0], rtol=0.03)
+    normal = torch.distributions.Normal(policy.net(torch.from_numpy(obs[:1]))[0], policy.log_std.exp())
+    samples = acting(np.repeat(obs[:1], 20_000, axis=0))
+    np.testing.assert_allclose(samples.mean(0), normal.mean.detach().numpy(), atol=0.05)  # σ/√n ≈ 0.004, 0.014
+    np.testing.assert_allclose(samples.std(0), normal.stddev.detach().numpy(), rtol=0.03)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,12 +155,18 @@ def test_only_the_batch_episodes_are_reported():
 
 
 def test_a_step_budget_ends_the_batch_incomplete():
-    # 8 steps of 2 envs fit in a budget of 17 steps; env 0 needs 6 steps and env 1 4: 6·2 = 12 ≤ 17.
+    # Env 0 needs 6 steps for its two episodes, env 1 4: 6 steps of both envs, 12 ≤ 12, fit.
     assert reinforce.collect_episodes(counter_envs(AutoresetMode.SAME_STEP), zeros_policy, 2, seed=0,
                                       max_steps=12).complete
-    # 11 steps leave room for 5 steps of both envs: env 0's second episode does not end.
-    short = reinforce.collect_episodes(counter_envs(AutoresetMode.SAME_STEP), zeros_policy, 2, seed=0, max_steps=11)
+    # 11 steps leave room for 5 steps of both envs: env 0's second episode does not end. Env 1's
+    # two episodes and env 0's first did, but the batch is not trained on, so none is reported:
+    # reported, they would be the short ones (the long ones are cut), a biased sample.
+    logged = []
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(counter_envs(AutoresetMode.SAME_STEP))
+    short = reinforce.collect_episodes(envs, zeros_policy, 2, seed=0, max_steps=11,
+                                       on_episode=lambda r, l: logged.extend(zip(r.tolist(), l.tolist())))
     assert not short.complete and short.mask.size == 10
+    assert logged == []
 
 
 def test_total_timesteps_is_never_exceeded(tmp_path, capsys):
@@ -170,7 +177,12 @@ def test_total_timesteps_is_never_exceeded(tmp_path, capsys):
     # One-step episodes: a batch of 8 takes 8 steps (2 per env): 12 batches, 96 steps. The 13th gets
     # the 4 steps left, one per env, ends incomplete and is not trained on: 100 steps played, no more.
     assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 100
-    assert len(read_tags(run)[0]["losses/policy_loss"]) == 12
+    tags = read_tags(run)[0]
+    assert len(tags["losses/policy_loss"]) == 12
+    returns = tags["charts/episodic_return"]
+    assert len(returns) == 96  # the 12 batches' episodes, not the 4 that end within the 13th
+    status = [line for line in out.stdout.splitlines() if line.startswith("step ")][-1]
+    assert "step 100/100" in status and f"return (last  96) {np.mean(returns):9.2f}" in status  # the same
 
 
 def test_collect_episodes_next_step_masks_reset_steps():
@@ -209,6 +221,28 @@ def test_collect_episodes_clips_box_actions_only_for_the_env():
     batch = reinforce.collect_episodes(envs, policy, 1, seed=0)
     assert batch.actions[:, :, 0].T.tolist() == [[5.0, 5.0], [-3.0, -3.0]]  # stored as sampled
     assert batch.rewards.T.tolist() == [[1.0, 1.0], [-1.0, -1.0]]  # the env got them clipped
+
+
+class Echo64(Echo):
+    """Echo observing in float64, as MuJoCo does."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (1,), np.float64)
+
+    def reset(self, seed=None, options=None):
+        obs, info = super().reset(seed=seed)
+        return obs.astype(np.float64), info
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        return obs.astype(np.float64), *rest
+
+
+def test_a_float64_observation_env_is_acted_on_and_stored_in_float32():
+    envs = gym.vector.SyncVectorEnv([Echo64, Echo64], autoreset_mode=AutoresetMode.SAME_STEP)
+    assert envs.reset(seed=0)[0].dtype == np.float64
+    policy = reinforce.NumpyPolicy(reinforce.Policy(1, Echo64.action_space), np.random.default_rng(0))
+    batch = reinforce.collect_episodes(envs, policy, 1, seed=0)
+    assert batch.obs.dtype == np.float32 and batch.actions.dtype == np.float32
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,7 +314,7 @@ def test_checkpoint_errors(tmp_path, capsys):
                             str(run / "model.pt")), "reinforce.py", "trained on CartPole-v1", "--env-id CartPole-v1")
 
 
-def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
+def test_first_ctrl_c_is_a_request_and_the_second_interrupts(python_sigint):
     before = signal.getsignal(signal.SIGINT)
     stop = reinforce.StopRequest()
     try:
@@ -334,12 +368,27 @@ def test_non_finite_loss_stops_and_saves(tmp_path, capsys, monkeypatch):
     assert all(torch.isfinite(v).all() for v in model.values())
 
 
+def test_a_crash_saves_what_was_learned(tmp_path, capsys, monkeypatch):
+    real_collect = reinforce.collect_episodes
+    calls = []
+
+    def collect_then_crash(*a, **k):  # the second batch's env crashes, after one update
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("the env's simulator died")
+        return real_collect(*a, **k)
+    monkeypatch.setattr(reinforce, "collect_episodes", collect_then_crash)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OSError):
+        reinforce.main(["--env-id", "Bandit-v0", "--total-timesteps", "64", "--num-envs", "4",
+                        "--episodes-per-update", "8", "--save-model"])
+    (run,) = (tmp_path / "runs").iterdir()
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 8 and len(calls) == 2
+    assert "(crashed)" in capsys.readouterr().out
+
+
 def test_capture_video_without_a_renderer(tmp_path, capsys, monkeypatch):
-    try:
-        import pygame  # noqa: F401
-        pytest.skip("pygame is installed, so CartPole can render")
-    except ImportError:
-        pass
+    monkeypatch.setitem(sys.modules, "pygame", None)  # as if pygame (which renders CartPole) were not installed
     real_find_spec = reinforce.importlib.util.find_spec
     monkeypatch.setattr(reinforce.importlib.util, "find_spec",  # as if moviepy were installed
                         lambda name, *a: object() if name == "moviepy" else real_find_spec(name, *a))
@@ -427,18 +476,19 @@ def test_learns_a_contextual_bandit(tmp_path, capsys, env_id):
 
 
 class ContinuousBandit(gym.Env):
-    """A one-step target: s is 0 or 1 at random, seen one-hot; reward -(a - u_s)², u = (-0.5, 0.5)."""
+    """A one-step target: s is 0 or 1 at random, seen one-hot; reward -(a - u_s)², u = (-0.5, 0.5).
+    It observes in float64, as MuJoCo does: the script must train in float32 all the same."""
 
-    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float64)
     action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
     def reset(self, seed=None, options=None):
         super().reset(seed=seed)
         self.s = int(self.np_random.integers(2))
-        return one_hot(self.s), {}
+        return one_hot(self.s).astype(np.float64), {}
 
     def step(self, action):
-        return one_hot(self.s), -float((action[0] - (self.s - 0.5)) ** 2), True, False, {}
+        return one_hot(self.s).astype(np.float64), -float((action[0] - (self.s - 0.5)) ** 2), True, False, {}
 
 
 gym.register("ReinforceContinuousBandit-v0", entry_point=ContinuousBandit)
@@ -453,3 +503,54 @@ def test_learns_a_continuous_bandit(tmp_path, capsys):
     policy.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
     # The Gaussian's mean found both targets (a random or sign-flipped policy is off by 0.5 or more).
     np.testing.assert_allclose(policy.act_deterministic(torch.eye(2))[:, 0].detach().numpy(), [-0.5, 0.5], atol=0.15)
+
+
+def test_the_update_averages_the_batch_steps_over_its_episodes(tmp_path, capsys, monkeypatch):
+    # L = -1/N Σ_i Σ_t: the loss sees exactly the batch's steps (no reset step of the NEXT_STEP
+    # CartPole, no step an env plays while it waits) and divides by N = 4 episodes, not by the
+    # number of steps. The batch's steps are its episodes' lengths, as logged.
+    seen, real_loss = [], reinforce.reinforce_loss
+
+    def spy(log_probs, returns, num_episodes):
+        seen.append((len(log_probs), len(returns), num_episodes))
+        return real_loss(log_probs, returns, num_episodes)
+
+    monkeypatch.setattr(reinforce, "reinforce_loss", spy)
+    out = run_main(reinforce, tmp_path, capsys, "--num-envs", "2", "--episodes-per-update", "4",
+                   "--total-timesteps", "400")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    lengths = read_tags(run)[0]["charts/episodic_length"]
+    assert len(seen) >= 3 and len(lengths) == 4 * len(seen)
+    for k, (num_log_probs, num_returns, num_episodes) in enumerate(seen):
+        assert num_episodes == 4
+        assert num_log_probs == num_returns == sum(lengths[4 * k: 4 * k + 4])
+
+
+class ShiftedBandit(Bandit):
+    """Bandit-v0 paying 5 more for every action: its rewards-to-go are Bandit-v0's plus 5."""
+
+    def step(self, action):
+        obs, reward, *rest = super().step(action)
+        return obs, reward + 5.0, *rest
+
+
+gym.register("ReinforceShiftedBandit-v0", entry_point=ShiftedBandit)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_normalized_returns_make_the_update_blind_to_a_reward_shift(tmp_path, capsys, normalize):
+    # One-step episodes, so G = r. Normalised, Ĝ = (G - μ)/σ is the same for r and r + 5: the same
+    # seed learns the same weights on both bandits. Not normalised, +5 adds 5·Σ∇log π to every
+    # gradient (Adam's step is blind to a gradient's scale, not to a shift), so the weights part.
+    flag = "--normalize-returns" if normalize else "--no-normalize-returns"
+    weights = []
+    for env_id in ["Bandit-v0", "ReinforceShiftedBandit-v0"]:
+        out = run_main(reinforce, tmp_path / env_id, capsys, "--env-id", env_id, "--total-timesteps", "256",
+                       "--num-envs", "4", "--episodes-per-update", "8", flag, "--save-model")
+        assert out.returncode == 0, out.stderr
+        (run,) = (tmp_path / env_id / "runs").iterdir()
+        model = torch.load(run / "model.pt", weights_only=True)["model"]
+        weights.append(torch.cat([v.flatten() for v in model.values()]))
+    gap = (weights[0] - weights[1]).abs().max().item()
+    assert gap < 1e-5 if normalize else gap > 1e-2, gap
