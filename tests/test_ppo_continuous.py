@@ -397,6 +397,46 @@ def test_learns_a_continuous_bandit_and_its_value(tmp_path, capsys):
     np.testing.assert_allclose(agent.get_value(obs).detach().numpy(), expected, atol=0.05)
 
 
+class LoudBandit(ContinuousBandit):
+    """ContinuousBandit paying in units 100 times larger."""
+
+    def step(self, action):
+        obs, reward, *rest = super().step(action)
+        return obs, 100.0 * reward, *rest
+
+
+gym.register("LoudBandit-v0", entry_point=LoudBandit)
+
+
+@pytest.mark.parametrize("norm_reward", [True, False])
+def test_gae_is_given_the_scaled_rewards(tmp_path, capsys, monkeypatch, norm_reward):
+    # Episodes of one step: each discounted return G is its reward r, so the scale, √Var[G], is the
+    # std of every reward seen so far, this batch's included (a prior of weight 1e-4 aside), and
+    # GAE must be given r / std(r so far): rewards of std about one, not the env's hundreds.
+    played, given = [], []
+    real_collect, real_gae = pc.collect_rollout, pc.gae
+
+    def collect_rollout(envs, policy, rollout, *a, **k):
+        obs = real_collect(envs, policy, rollout, *a, **k)
+        played.append(rollout.rewards.copy())
+        return obs
+
+    def gae(rewards, *a, **k):
+        given.append(rewards.copy())
+        return real_gae(rewards, *a, **k)
+    monkeypatch.setattr(pc, "collect_rollout", collect_rollout)
+    monkeypatch.setattr(pc, "gae", gae)
+    out = run_main(pc, tmp_path, capsys, "--env-id", "LoudBandit-v0", "--num-envs", "4", "--num-steps", "64",
+                   "--total-timesteps", "1024", "--norm-reward" if norm_reward else "--no-norm-reward")
+    assert out.returncode == 0, out.stderr
+    assert len(played) == len(given) == 4
+    for k in range(4):
+        assert np.abs(played[k]).mean() > 30  # the env's units
+        so_far = np.concatenate(played[: k + 1]).reshape(-1)
+        expected = np.clip(played[k] / so_far.std(), -10, 10) if norm_reward else played[k]
+        np.testing.assert_allclose(given[k], expected, rtol=1e-3, atol=1e-3)
+
+
 def test_log_pi_old_is_the_log_probability_under_the_policy_that_acted(tmp_path, capsys, monkeypatch):
     # The ratio's denominator must be the policy that chose the actions: the rollout acted with the
     # statistics from before its batch, so log π_θold must be computed with those too.
@@ -621,7 +661,7 @@ def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(tmp_path, capsys):
     assert out.stderr.count("warning") == 1 and "running on the CPU" in out.stderr
 
 
-def test_first_ctrl_c_is_a_request_and_the_second_interrupts():
+def test_first_ctrl_c_is_a_request_and_the_second_interrupts(python_sigint):
     before = signal.getsignal(signal.SIGINT)
     stop = pc.StopRequest()
     try:
