@@ -9,6 +9,7 @@ from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts live at the repo root, importable without training
@@ -24,8 +25,11 @@ def interrupt_script(script, cwd, *argv, timeout=120, signum=signal.SIGINT):
     """Start a run, wait until it has logged charts/SPS (a training iteration), then Ctrl-C it
     (or send it `signum`: SIGTERM is what `kill`, `timeout` and cluster schedulers send)."""
     os.makedirs(cwd, exist_ok=True)
+    # A shell's background job (`pytest &`) starts with SIGINT ignored, which the child would keep:
+    # give it the default a terminal's Ctrl-C meets.
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         events = list(Path(cwd).glob("runs/*/events.*"))
@@ -35,6 +39,15 @@ def interrupt_script(script, cwd, *argv, timeout=120, signum=signal.SIGINT):
     proc.send_signal(signum)
     stdout, stderr = proc.communicate(timeout=60)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+@pytest.fixture
+def python_sigint():
+    """SIGINT raising KeyboardInterrupt, as in a terminal, even where pytest runs in a shell's
+    background job (which starts with SIGINT ignored)."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def make_runs_unwritable(cwd):
