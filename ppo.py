@@ -52,29 +52,29 @@ class Args:
     """the id of the environment (a Discrete action space)"""
     total_timesteps: int = 1_000_000
     """total env steps of the experiment"""
-    learning_rate: float = 3e-3
+    learning_rate: float = 1e-3
     """the learning rate of the optimizer"""
-    num_envs: int = 6
+    num_envs: int = 8
     """the number of parallel game environments"""
-    num_steps: int = 344
-    """the number of steps to run in each environment per policy rollout (T; 6 x 344 = 2064)"""
+    num_steps: int = 256
+    """the number of steps to run in each environment per policy rollout (T; 8 x 256 = 2048)"""
     anneal_lr: bool = True
     """toggle learning-rate annealing (linear, to zero at the end of training)"""
-    gamma: float = 0.99
+    gamma: float = 0.999
     """the discount factor gamma"""
-    gae_lambda: float = 0.95
+    gae_lambda: float = 0.98
     """the lambda of the general advantage estimation"""
-    num_minibatches: int = 4
-    """the number of minibatches per epoch"""
-    update_epochs: int = 2
+    num_minibatches: int = 32
+    """the number of minibatches per epoch (of 64 samples)"""
+    update_epochs: int = 4
     """the K epochs to update the policy"""
     norm_adv: bool = True
     """toggles advantage normalisation (per minibatch)"""
     clip_coef: float = 0.2
     """the surrogate clipping coefficient epsilon"""
-    clip_vloss: bool = True
+    clip_vloss: bool = False
     """toggles whether or not to use a clipped loss for the value function"""
-    ent_coef: float = 0.0
+    ent_coef: float = 0.01
     """coefficient of the entropy bonus"""
     vf_coef: float = 0.5
     """coefficient of the value function loss"""

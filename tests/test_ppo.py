@@ -388,6 +388,7 @@ def test_learns_a_contextual_bandit(tmp_path, capsys, env_id):
 
 def logged(tmp_path, capsys, name, *argv):
     out = run_main(ppo, tmp_path / name, capsys, "--env-id", "Bandit-v0", "--num-envs", "4", "--num-steps", "64",
+                   "--num-minibatches", "4", "--update-epochs", "2", "--learning-rate", "3e-3",
                    "--total-timesteps", "2048", *argv)
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / name / "runs").iterdir()
