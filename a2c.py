@@ -57,7 +57,7 @@ class Args:
 
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete or Box actions)"""
-    total_timesteps: int = 500_000
+    total_timesteps: int = 1_000_000
     """total env steps of the experiment"""
     learning_rate: float = 3e-3
     """the learning rate of the optimizer"""
@@ -67,7 +67,7 @@ class Args:
     """n: the steps each actor takes between updates, and the horizon of the n-step return"""
     anneal_lr: bool = True
     """toggle learning-rate annealing (linear, to zero at the end of training)"""
-    gamma: float = 0.99
+    gamma: float = 0.999
     """the discount factor gamma"""
     norm_adv: bool = True
     """toggles normalising the advantages over each batch (mean 0, std 1)"""
