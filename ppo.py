@@ -5,8 +5,8 @@ run the old policy π_θold in N synchronous envs for T steps, estimate advantag
 then optimise the clipped surrogate for K epochs over shuffled minibatches, and set θold ← θ.
 
     python ppo.py --env-id CartPole-v1
-    python ppo.py --env-id Acrobot-v1 --seed 2 --save-model
-    python ppo.py --env-id CartPole-v1 --eval-checkpoint runs/RUN/model.pt
+    python ppo.py --env-id LunarLander-v3 --seed 2 --save-model
+    python ppo.py --env-id LunarLander-v3 --eval-checkpoint runs/RUN/model.pt
 
 Gymnasium 1.x: a truncated episode (time limit) bootstraps from V(final observation); a
 terminated one does not; and no transition that crosses an episode boundary is learned from,
@@ -60,7 +60,7 @@ class Args:
     """the number of steps to run in each environment per policy rollout (T; 8 x 256 = 2048)"""
     anneal_lr: bool = True
     """toggle learning-rate annealing (linear, to zero at the end of training)"""
-    gamma: float = 0.999
+    gamma: float = 0.995
     """the discount factor gamma"""
     gae_lambda: float = 0.98
     """the lambda of the general advantage estimation"""
