@@ -13,7 +13,8 @@ discrete="CartPole-v1 Acrobot-v1 LunarLander-v3 MountainCar-v0"
 case "${1:-}" in
   ppo)            bench --script ppo.py --env-ids $discrete --out benchmarks/results/ppo/suite ;;
   a2c)            bench --script a2c.py --env-ids $discrete --out benchmarks/results/a2c/suite ;;
-  reinforce)      bench --script reinforce.py --env-ids $discrete --out benchmarks/results/reinforce/suite ;;
+  reinforce)      bench --script reinforce.py --env-ids $discrete --extra "--total-timesteps 1000000" \
+                        --out benchmarks/results/reinforce/suite ;;
   ppo_continuous) bench --script ppo_continuous.py --env-ids Pendulum-v1 LunarLanderContinuous-v3 \
                         --out benchmarks/results/ppo_continuous/suite
                   bench --script ppo_continuous.py --env-ids BipedalWalker-v3 --seeds 1 2 3 \
