@@ -585,3 +585,17 @@ def test_norm_adv_decides_what_the_actor_is_given(tmp_path, capsys, monkeypatch,
         standardised = (raw - raw.mean()) / (raw.std() + 1e-8)
         assert (raw - standardised).abs().max() > 0.1  # so the two cases differ
         torch.testing.assert_close(advantages, standardised if norm_adv else raw)
+
+
+def test_reward_scale_counts_the_first_step_after_a_reset():
+    # NEXT_STEP: an episode ends on the 2nd step, so the 3rd would be a reset step and is skipped.
+    # A reset() between them starts a new episode itself: its first step (Counter pays 1) is real,
+    # and G = 1 after it, not 0.
+    envs = gym.vector.SyncVectorEnv([EPISODES_OF_TWO_STEPS["terminated"]], autoreset_mode=AutoresetMode.NEXT_STEP)
+    envs = a2c.NormalizeReward(envs, gamma=0.5)
+    envs.reset(seed=0)
+    for _ in range(2):
+        envs.step(np.array([0]))
+    envs.reset(seed=1)
+    envs.step(np.array([0]))
+    np.testing.assert_allclose(envs.accumulated_reward, [1.0])
