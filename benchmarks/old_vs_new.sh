@@ -7,6 +7,7 @@
 # Each run uses its version's default flags but --env-id and --seed. Writes OUT_DIR/{old,new}/SEED.log
 # (ending with the run's start and end times) and the runs' TensorBoard logs under OUT_DIR/{old,new}/runs.
 set -euo pipefail
+[ $# -eq 4 ] || { echo "usage: $0 OLD_COMMIT SCRIPT ENV_ID OUT_DIR" >&2; exit 2; }
 old_commit=$1; script=$2; env_id=$3; out=$(realpath -m "$4")
 root=$(cd "$(dirname "$0")/.." && pwd)
 old_tree=$(mktemp -d)   # each script is one self-contained file: the old one is all the old version needs
