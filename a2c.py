@@ -11,6 +11,7 @@ gradient step is taken on
     python a2c.py --env-id CartPole-v1
     python a2c.py --env-id Pendulum-v1           # a Gaussian head for Box actions
     python a2c.py --eval-checkpoint runs/RUN/model.pt
+    python a2c.py --env-id ALE/Breakout-v5       # game frames: the Nature-DQN CNN as the body
 
 Two corrections to the seed: its combined loss L^A - L^C - L^S subtracts the critic loss,
 which would maximise the critic's error, and it says "we'd prefer lower entropy" where it
@@ -26,7 +27,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import gymnasium as gym
@@ -36,6 +37,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 import tyro
 from gymnasium.vector import AutoresetMode
+
+try:  # registers the Atari ids (ALE/Breakout-v5, BreakoutNoFrameskip-v4) when ale-py is installed
+    import ale_py
+    gym.register_envs(ale_py)
+except ImportError:
+    ale_py = None
 
 SCRIPT = os.path.basename(__file__)
 
@@ -59,37 +66,66 @@ class Args:
     """the id of the environment (Discrete or Box actions)"""
     total_timesteps: int = 1_000_000
     """total env steps of the experiment"""
-    learning_rate: float = 3e-3
-    """the learning rate of the optimizer"""
-    num_envs: int = 8
-    """the number of synchronous actors (parallel envs)"""
-    num_steps: int = 16
-    """n: the steps each actor takes between updates, and the horizon of the n-step return"""
+    learning_rate: Optional[float] = None
+    """the learning rate of the optimizer (unset: 3e-3 for vectors, 7e-4 for frames)"""
+    num_envs: Optional[int] = None
+    """the number of synchronous actors, parallel envs (unset: 8 for vectors, 16 for frames)"""
+    num_steps: Optional[int] = None
+    """n: each actor's steps between updates, the n-step return's horizon (unset: 16 vectors, 5 frames)"""
     anneal_lr: bool = True
     """toggle learning-rate annealing (linear, to zero at the end of training)"""
-    gamma: float = 0.999
-    """the discount factor gamma"""
+    gamma: Optional[float] = None
+    """the discount factor gamma (unset: 0.999 for vectors, 0.99 for frames)"""
     norm_adv: bool = True
     """toggles normalising the advantages over each batch (mean 0, std 1)"""
     norm_obs: bool = True
-    """toggles standardising observations by their running mean and variance (saved with the model)"""
+    """toggles standardising vector observations by their running mean and variance (saved with the
+    model); frames never are: the network scales them to [0, 1]"""
     norm_reward: bool = True
-    """toggles dividing rewards by the running std of the discounted return"""
+    """toggles dividing rewards by the running std of the discounted return, for vector observations;
+    never for frames (Atari clips rewards to their sign: --atari-clip-reward)"""
     optimizer: Literal["rmsprop", "adam"] = "rmsprop"
     """RMSprop (alpha 0.99, eps 1e-5) as in the A2C/A3C paper, or Adam (eps 1e-5)"""
     vf_loss: Literal["huber", "mse"] = "huber"
     """the critic's loss of R_t - V(s_t): Huber (δ = 1), as the seed says, or squared error"""
-    ent_coef: float = 0.0
-    """c_e, coefficient of the entropy bonus"""
-    vf_coef: float = 0.5
-    """c_v, coefficient of the critic loss"""
+    ent_coef: Optional[float] = None
+    """c_e, coefficient of the entropy bonus (unset: 0 for vectors, 0.01 for frames)"""
+    vf_coef: Optional[float] = None
+    """c_v, coefficient of the critic loss (unset: 0.5 for vectors, 0.25 for frames)"""
     max_grad_norm: float = 0.5
     """the maximum norm for the global gradient clipping"""
+
+    atari_noop_max: int = 30
+    """Atari: at most this many no-op actions at the start of a game, so starts differ"""
+    atari_frame_skip: int = 4
+    """Atari: each action repeats for this many frames; the last two are max-pooled (flicker)"""
+    atari_frame_stack: int = 4
+    """Atari: the observation is this many 84x84 greyscale frames, newest last"""
+    atari_fire_reset: bool = True
+    """Atari: press FIRE at the start of a game where the game needs it to begin"""
+    atari_episodic_life: bool = True
+    """Atari: a lost life ends the learner's episode (the game goes on; the logged score is the whole game's)"""
+    atari_clip_reward: bool = True
+    """Atari: the learner sees each reward's sign, -1, 0 or 1 (the logged score is unclipped)"""
+    atari_sticky_actions: Optional[float] = None
+    """Atari: the probability the previous action repeats (unset: the id's, 0.25 for v5, 0 for NoFrameskip-v4)"""
 
     eval_checkpoint: Optional[str] = None
     """evaluate this saved model (deterministic policy) instead of training"""
     eval_episodes: int = 10
     """the number of episodes to evaluate a saved model for"""
+
+
+# What an unset flag becomes, by observation kind: (vectors, frames). The vector settings were chosen
+# on the suite of README "Defaults"; the frame settings are rl-baselines3-zoo's for A2C on Atari
+# (the A2C paper's n = 5 steps, 16 actors), measured in README "Atari".
+DEFAULTS = {"learning_rate": (3e-3, 7e-4), "num_envs": (8, 16), "num_steps": (16, 5), "gamma": (0.999, 0.99),
+            "ent_coef": (0.0, 0.01), "vf_coef": (0.5, 0.25)}
+
+
+def with_defaults(args: "Args", frames: bool) -> "Args":
+    """`args` with every unset flag of DEFAULTS set for the observation kind; a flag given always wins."""
+    return replace(args, **{name: kinds[frames] for name, kinds in DEFAULTS.items() if getattr(args, name) is None})
 
 
 class UserError(Exception):
@@ -107,7 +143,8 @@ def check_args(args: Args) -> None:
     if not 0 <= args.seed < 2**32:  # numpy's global seed takes no more
         raise UserError(f"--seed must lie in [0, 2^32), got {args.seed}")
     counts = dict(total_timesteps=args.total_timesteps, num_envs=args.num_envs, num_steps=args.num_steps,
-                  eval_episodes=args.eval_episodes)
+                  eval_episodes=args.eval_episodes, atari_frame_skip=args.atari_frame_skip,
+                  atari_frame_stack=args.atari_frame_stack)
     for name, value in counts.items():
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -117,6 +154,10 @@ def check_args(args: Args) -> None:
                         f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size})")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
+    if args.atari_noop_max < 0:
+        raise UserError(f"--atari-noop-max must be 0 or more, got {args.atari_noop_max}")
+    if args.atari_sticky_actions is not None and not 0.0 <= args.atari_sticky_actions <= 1.0:
+        raise UserError(f"--atari-sticky-actions must lie in [0, 1], got {args.atari_sticky_actions}")
     if not 0.0 < args.gamma <= 1.0:
         raise UserError("--gamma must lie in (0, 1]")
     if args.learning_rate <= 0 or args.max_grad_norm <= 0:
@@ -127,22 +168,53 @@ def check_args(args: Args) -> None:
 # Environments
 # ---------------------------------------------------------------------------------------------
 
-def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False,
-              run_name: str = "") -> gym.vector.VectorEnv:
-    """N copies of `env_id` stepping together, with episode statistics recorded.
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    try:
+        return gym.spec(env_id)
+    except gym.error.Error as e:
+        atari = "NoFrameskip" in env_id or env_id.startswith("ALE/")
+        hint = " (Atari ids need ale-py: pip install ale-py)" if ale_py is None and atari else ""
+        raise UserError(f"unknown env id {env_id!r} ({e}){hint}") from None
+
+
+def is_atari(spec: gym.envs.registration.EnvSpec) -> bool:
+    return spec.entry_point == "ale_py.env:AtariEnv"
+
+
+def is_image(space: gym.Space) -> bool:
+    """An image observation: a (channels, height, width) Box of uint8, as Atari's frame stack."""
+    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8
+
+
+def observes_frames(env_id: str) -> bool:
+    """Whether `env_id` gives image observations: they pick the CNN and the frame defaults."""
+    spec = env_spec(env_id)
+    if is_atari(spec):
+        return True
+    try:
+        probe = gym.make(env_id)
+    except gym.error.Error as e:
+        raise UserError(f"cannot make {env_id!r}: {e}") from None
+    probe.close()
+    return is_image(probe.observation_space)
+
+
+def make_envs(args: Args, num_envs: int, run_name: str = "") -> gym.vector.VectorEnv:
+    """N copies of `args.env_id` stepping together, with episode statistics recorded.
 
     The env's own vectorised implementation is used where it has one (CartPole's steps all
     envs in one numpy call), otherwise a SyncVectorEnv; both autoreset NEXT_STEP, which
     Gymnasium's vector-level normalisation wrappers (`add_normalization`) require.
+    Atari ids get ale-py's vector env (`make_atari_envs`), NEXT_STEP too.
     """
-    try:
-        spec = gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UserError(f"unknown env id {env_id!r} ({e})") from None
+    env_id, capture_video = args.env_id, args.capture_video
+    spec = env_spec(env_id)
+    if is_atari(spec):
+        return make_atari_envs(args, spec, num_envs)
     if capture_video:  # rendering may need a package of its own (pygame for classic control)
         try:
             probe = gym.make(env_id, render_mode="rgb_array")
-            probe.reset(seed=seed)
+            probe.reset(seed=args.seed)
             probe.render()
             probe.close()
         except gym.error.DependencyNotInstalled as e:
@@ -168,10 +240,71 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
         envs.close()
         raise UserError(f"{env_id} has action space {action_space}; {SCRIPT} needs Discrete or a flat Box")
     obs_space = envs.single_observation_space
-    if not isinstance(obs_space, gym.spaces.Box) or len(obs_space.shape) != 1:
+    if not (isinstance(obs_space, gym.spaces.Box) and len(obs_space.shape) == 1 or is_image(obs_space)):
         envs.close()
-        raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box")
+        raise UserError(f"{env_id} has observation space {obs_space}; {SCRIPT} needs a flat Box "
+                        "or a (channels, height, width) image of uint8")
     return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
+
+
+def make_atari_envs(args: Args, spec: gym.envs.registration.EnvSpec, num_envs: int) -> gym.vector.VectorEnv:
+    """ale-py's vector env (C++ threads) with the standard preprocessing, as the learner sees it.
+
+    Inside: no-op starts, frame skip with max-pooling, 84x84 greyscale, a frame stack, FIRE at
+    the start; sticky actions as the id sets them (v5: 0.25, NoFrameskip-v4: 0) unless
+    --atari-sticky-actions. It autoresets NEXT_STEP. Rewards reach RecordEpisodeStatistics
+    unclipped and games end only at game over, so the logged return is the game's score;
+    `AtariLearnerView` then clips rewards and ends the learner's episode at each lost life.
+    """
+    if args.capture_video:
+        raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
+    sticky = args.atari_sticky_actions
+    envs = ale_py.vector_env.AtariVectorEnv(
+        spec.kwargs["game"], num_envs,
+        repeat_action_probability=spec.kwargs.get("repeat_action_probability", 0.0) if sticky is None else sticky,
+        max_num_frames_per_episode=spec.kwargs.get("max_num_frames_per_episode", 108_000),
+        frameskip=args.atari_frame_skip, stack_num=args.atari_frame_stack, noop_max=args.atari_noop_max,
+        use_fire_reset=args.atari_fire_reset, reward_clipping=False, episodic_life=False)
+    envs = gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
+    return AtariLearnerView(envs, args.atari_episodic_life, args.atari_clip_reward)
+
+
+class AtariLearnerView(gym.vector.VectorWrapper):
+    """What the learner sees of an Atari game: each reward's sign, and a lost life as an episode's end.
+
+    A lost life ends the learner's episode (no bootstrapping past it) but not the game: no reset
+    follows, so `info["game_over"]` keeps the env's own end for the rollout's reset bookkeeping.
+    """
+
+    def __init__(self, envs: gym.vector.VectorEnv, episodic_life: bool, clip_reward: bool):
+        super().__init__(envs)
+        self.episodic_life, self.clip_reward = episodic_life, clip_reward
+        self.return_queue = envs.return_queue
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.lives = info["lives"]
+        return obs, info
+
+    def step(self, actions):
+        obs, rewards, terminations, truncations, info = self.env.step(actions)
+        info["game_over"] = terminations | truncations
+        rewards, terminations, self.lives = learner_signal(rewards, terminations, info["lives"], self.lives,
+                                                           self.episodic_life, self.clip_reward)
+        return obs, rewards, terminations, truncations, info
+
+
+def learner_signal(rewards: np.ndarray, terminations: np.ndarray, lives: np.ndarray, previous_lives: np.ndarray,
+                   episodic_life: bool, clip_reward: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sign(r) if clip_reward, term or a life lost (lives < previous) if episodic_life, lives).
+
+    A new game's lives are never fewer than the last game's end, so a reset is not a lost life.
+    """
+    if clip_reward:
+        rewards = np.sign(rewards).astype(np.float32)
+    if episodic_life:
+        terminations = terminations | (lives < previous_lives)
+    return rewards, terminations, lives.copy()
 
 
 def add_normalization(envs, norm_obs: bool, norm_reward: bool, gamma: float):
@@ -244,11 +377,32 @@ def running_stats(rms) -> Optional[dict]:
 # The network: a shared body, an actor head π_θ(a|s) and a critic head V(s)
 # ---------------------------------------------------------------------------------------------
 
-def layer_init(layer: nn.Linear, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Linear:
+def layer_init(layer: nn.Module, std: float = np.sqrt(2), bias_const: float = 0.0) -> nn.Module:
     """Orthogonal weights with gain `std`, constant bias."""
     torch.nn.init.orthogonal_(layer.weight, std)
     torch.nn.init.constant_(layer.bias, bias_const)
     return layer
+
+
+class Pixels(nn.Module):
+    """uint8 frames to floats in [0, 1], inside the network: the rollout stores a quarter of the bytes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() / 255.0
+
+
+def nature_cnn(obs_shape: tuple) -> nn.Sequential:
+    """The Nature-DQN encoder: conv 32 8x8/4, 64 4x4/2, 64 3x3/1, then 512 units; ReLU throughout."""
+    convs = nn.Sequential(
+        Pixels(),
+        layer_init(nn.Conv2d(obs_shape[0], 32, 8, stride=4)), nn.ReLU(),
+        layer_init(nn.Conv2d(32, 64, 4, stride=2)), nn.ReLU(),
+        layer_init(nn.Conv2d(64, 64, 3, stride=1)), nn.ReLU(),
+        nn.Flatten(),
+    )
+    with torch.no_grad():  # 3136 for 84x84 frames
+        n_flat = convs(torch.zeros((1,) + tuple(obs_shape), dtype=torch.uint8)).shape[1]
+    return nn.Sequential(*convs, layer_init(nn.Linear(n_flat, 512)), nn.ReLU())
 
 
 def categorical_entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -267,20 +421,24 @@ def gaussian_entropy(log_std: torch.Tensor) -> torch.Tensor:
 
 
 class ActorCritic(nn.Module):
-    """A 64-64 tanh body shared by two heads: the actor's logits (Discrete) or Gaussian mean
-    with a learned log σ per action dimension (Box), and the critic's V(s)."""
+    """A body shared by two heads: the actor's logits (Discrete) or Gaussian mean with a learned
+    log σ per action dimension (Box), and the critic's V(s). The body is a 64-64 tanh MLP for
+    vectors and the Nature-DQN CNN for frames."""
 
-    def __init__(self, obs_dim: int, action_space: gym.Space):
+    def __init__(self, obs_shape: tuple, action_space: gym.Space):
         super().__init__()
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
         out_dim = int(action_space.n) if self.discrete else action_space.shape[0]
-        self.body = nn.Sequential(
-            layer_init(nn.Linear(obs_dim, 64)), nn.Tanh(),
-            layer_init(nn.Linear(64, 64)), nn.Tanh(),
-        )
+        if len(obs_shape) == 3:
+            self.body, width = nature_cnn(obs_shape), 512
+        else:
+            self.body, width = nn.Sequential(
+                layer_init(nn.Linear(obs_shape[0], 64)), nn.Tanh(),
+                layer_init(nn.Linear(64, 64)), nn.Tanh(),
+            ), 64
         # A small actor head starts the policy near uniform (or near mean 0), so it explores.
-        self.actor = layer_init(nn.Linear(64, out_dim), std=0.01)
-        self.critic = layer_init(nn.Linear(64, 1), std=1.0)
+        self.actor = layer_init(nn.Linear(width, out_dim), std=0.01)
+        self.critic = layer_init(nn.Linear(width, 1), std=1.0)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
 
     def get_value(self, obs: torch.Tensor) -> torch.Tensor:
@@ -300,6 +458,9 @@ class ActorCritic(nn.Module):
         """argmax_a π_θ(a|s), or the Gaussian's mean: the policy used to evaluate a saved model."""
         out = self.actor(self.body(obs))
         return out.argmax(-1) if self.discrete else out
+
+    def logits(self, obs: torch.Tensor) -> torch.Tensor:
+        return self.actor(self.body(obs))
 
 
 def sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -339,6 +500,19 @@ class NumpyPolicy:
         return out + self.std * self.rng.standard_normal(out.shape, dtype=out.dtype)
 
 
+class TorchPolicy:
+    """a ~ π_θ(·|s) for the rollout from the torch network: for frames the CNN, not the numpy copy, is
+    the cost; the uint8 frames go to it as they are (no float copy outside the network)."""
+
+    def __init__(self, agent: ActorCritic, rng: np.random.Generator, device: torch.device):
+        self.agent, self.rng, self.device = agent, rng, device
+
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            logits = self.agent.logits(torch.from_numpy(obs).to(self.device)).cpu().numpy()
+        return sample_categorical(logits, self.rng)
+
+
 # ---------------------------------------------------------------------------------------------
 # Rollout: n steps of N synchronous actors
 # ---------------------------------------------------------------------------------------------
@@ -361,13 +535,15 @@ class Rollout:
     valid: np.ndarray
 
     @classmethod
-    def empty(cls, num_steps: int, num_envs: int, obs_dim: int, action_space: gym.Space) -> "Rollout":
+    def empty(cls, num_steps: int, num_envs: int, obs_shape: tuple, action_space: gym.Space,
+              obs_dtype=np.float32) -> "Rollout":
+        """Frames are stored as the env gives them, uint8: a quarter of float32's bytes."""
         steps = (num_steps, num_envs)
         actions = (np.zeros(steps, np.int64) if isinstance(action_space, gym.spaces.Discrete)
                    else np.zeros(steps + action_space.shape, np.float32))
-        return cls(obs=np.zeros(steps + (obs_dim,), np.float32), actions=actions,
+        return cls(obs=np.zeros(steps + tuple(obs_shape), obs_dtype), actions=actions,
                    rewards=np.zeros(steps, np.float32), terminations=np.zeros(steps, bool),
-                   truncations=np.zeros(steps, bool), next_obs=np.zeros(steps + (obs_dim,), np.float32),
+                   truncations=np.zeros(steps, bool), next_obs=np.zeros(steps + tuple(obs_shape), obs_dtype),
                    valid=np.ones(steps, bool))
 
 
@@ -377,13 +553,17 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
 
     `after_done[i]` says env i ended an episode on the step before (in NEXT_STEP mode the
     next step is then a reset step). Returns the (obs, after_done) to continue from.
-    Box actions are stored as sampled and clipped to the space only for the env.
+    Box actions are stored as sampled and clipped to the space only for the env. An env that
+    ends the learner's episode without ending its own (Atari's lost life) says where its own
+    episodes end in `info["game_over"]`: only those are followed by a reset step.
     """
     next_step_mode = envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     space = envs.single_action_space
     bounds = (space.low, space.high) if isinstance(space, gym.spaces.Box) else None
     for t in range(rollout.obs.shape[0]):
         rollout.obs[t] = obs
+        if next_step_mode:  # the step after an episode's end only resets the env: no transition
+            rollout.valid[t] = ~after_done
         action = policy(rollout.obs[t])
         rollout.actions[t] = action
 
@@ -400,12 +580,8 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
         if on_episode is not None and "_episode" in info:
             ended = info["_episode"]
             on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
-
-    dones = rollout.terminations | rollout.truncations
-    if next_step_mode:  # the step after an episode's end is a reset step
-        rollout.valid[0] = ~after_done
-        rollout.valid[1:] = ~dones[:-1]
-    return obs, dones[-1]
+        after_done = info.get("game_over", terminated | truncated)
+    return obs, after_done
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,7 +652,7 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
 
 def space_signature(envs) -> dict:
     action_space = envs.single_action_space
-    return {"obs_dim": envs.single_observation_space.shape[0],
+    return {"obs_shape": list(envs.single_observation_space.shape),
             "action_type": type(action_space).__name__,
             "action_dim": int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else action_space.shape[0]}
 
@@ -500,6 +676,8 @@ def load_checkpoint(path: str, env_id: str, envs) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("script") != SCRIPT:
         writer = ckpt.get("script", "an unknown program") if isinstance(ckpt, dict) else "an unknown program"
         raise UserError(f"{path} was written by {writer}, not {SCRIPT}")
+    if "obs_dim" in ckpt.get("spaces", {}):  # written before frames, when every observation was a vector
+        ckpt["spaces"]["obs_shape"] = [ckpt["spaces"].pop("obs_dim")]
     missing = [key for key in ['args', 'model', 'spaces', 'obs_rms'] if key not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
@@ -519,9 +697,10 @@ def select_device(args: Args) -> torch.device:
     return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
 
 
-def seed_everything(args: Args) -> None:
+def seed_everything(args: Args, frames: bool) -> None:
     # One thread is fastest for 64-unit MLPs, and keeps a run's numbers independent of core count.
-    torch.set_num_threads(1)
+    # The CNN's convolutions use every core.
+    torch.set_num_threads((os.cpu_count() or 1) if frames else 1)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -620,16 +799,19 @@ def report_end(exit_code: int, global_step: int) -> None:
 
 
 def train(args: Args) -> None:
+    frames = observes_frames(args.env_id)
+    args = with_defaults(args, frames)
     check_args(args)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
     run_dir = make_run_dir(run_name, args.capture_video)
     device = select_device(args)
-    seed_everything(args)
+    seed_everything(args, frames)
 
-    episode_stats = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
-    envs, obs_norm, reward_norm = add_normalization(episode_stats, args.norm_obs, args.norm_reward, args.gamma)
-    obs_dim = envs.single_observation_space.shape[0]
-    agent = ActorCritic(obs_dim, envs.single_action_space).to(device)
+    episode_stats = make_envs(args, args.num_envs, run_name)
+    envs, obs_norm, reward_norm = add_normalization(episode_stats, args.norm_obs and not frames,
+                                                    args.norm_reward and not frames, args.gamma)
+    obs_shape = envs.single_observation_space.shape
+    agent = ActorCritic(obs_shape, envs.single_action_space).to(device)
     fused = device.type in ("cpu", "cuda")
     if args.optimizer == "rmsprop":
         optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=0.99, eps=1e-5)
@@ -643,7 +825,8 @@ def train(args: Args) -> None:
 
     batch_size = args.num_envs * args.num_steps
     num_updates = args.total_timesteps // batch_size
-    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_dim, envs.single_action_space)
+    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, envs.single_action_space,
+                            envs.single_observation_space.dtype)
     rng = np.random.default_rng(args.seed)
     global_step = 0
     status = StatusLine(num_updates * batch_size)
@@ -666,18 +849,20 @@ def train(args: Args) -> None:
                 optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.learning_rate
 
             # 1. The N actors take n steps with the current parameters.
-            obs, after_done = collect_rollout(envs, NumpyPolicy(agent, rng), rollout, obs, after_done, on_episode)
+            policy = TorchPolicy(agent, rng, device) if frames else NumpyPolicy(agent, rng)
+            obs, after_done = collect_rollout(envs, policy, rollout, obs, after_done, on_episode)
             global_step += batch_size
 
             # 2. n-step returns R_t, bootstrapped from V(s_{t+n}) (or V(final obs) at a truncation).
             with torch.inference_mode():
-                next_values = agent.get_value(torch.from_numpy(rollout.next_obs).to(device)).cpu().numpy()
+                next_obs = torch.from_numpy(rollout.next_obs.reshape((-1,) + obs_shape)).to(device)
+                next_values = agent.get_value(next_obs).cpu().numpy().reshape(args.num_steps, args.num_envs)
             returns = n_step_returns(rollout.rewards, next_values, rollout.terminations, rollout.truncations,
                                      args.gamma)
 
             # 3. One gradient step on L = L^A + c_v L^C - c_e H over the batch's real transitions.
             valid = rollout.valid.reshape(-1)
-            b_obs = torch.from_numpy(rollout.obs.reshape((-1, obs_dim))[valid]).to(device)
+            b_obs = torch.from_numpy(rollout.obs.reshape((-1,) + obs_shape)[valid]).to(device)
             b_actions = torch.from_numpy(rollout.actions.reshape((batch_size,) + rollout.actions.shape[2:])[valid])
             b_returns = torch.from_numpy(returns.reshape(-1)[valid]).to(device)
             log_probs, entropy, values = agent.evaluate_actions(b_obs, b_actions.to(device))
@@ -720,13 +905,15 @@ def train(args: Args) -> None:
 
 def evaluate(args: Args) -> None:
     """Run the deterministic policy of a saved model for `eval_episodes` episodes; train nothing."""
+    frames = observes_frames(args.env_id)
+    args = with_defaults(args, frames)
     check_args(args)
     device = select_device(args)
-    seed_everything(args)
+    seed_everything(args, frames)
     # One env per episode, so short episodes are not over-represented in the mean.
-    envs = make_envs(args.env_id, args.eval_episodes, args.seed)
+    envs = make_envs(replace(args, capture_video=False), args.eval_episodes)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
-    agent = ActorCritic(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
+    agent = ActorCritic(envs.single_observation_space.shape, envs.single_action_space).to(device)
     try:
         agent.load_state_dict(ckpt["model"])
     except RuntimeError:  # same script and spaces, other layer shapes (another version of it)
@@ -739,7 +926,8 @@ def evaluate(args: Args) -> None:
     obs, _ = envs.reset(seed=args.seed)
     with torch.inference_mode():
         while np.isnan(returns).any():
-            action = agent.act_deterministic(torch.as_tensor(obs, dtype=torch.float32, device=device)).cpu().numpy()
+            obs = torch.as_tensor(obs if frames else obs.astype(np.float32), device=device)
+            action = agent.act_deterministic(obs).cpu().numpy()
             if isinstance(space, gym.spaces.Box):
                 action = np.clip(action, space.low, space.high)
             obs, _, _, _, info = envs.step(action)
@@ -751,7 +939,7 @@ def evaluate(args: Args) -> None:
     print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
           f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(make_run_dir(f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}", False))
+    writer = SummaryWriter(make_run_dir(f"{args.env_id.replace('/', '-')}__{args.exp_name}-eval__{args.seed}__{int(time.time())}", False))
     for i, r in enumerate(returns):
         writer.add_scalar("eval/episodic_return", r, i)
     writer.close()

@@ -126,7 +126,7 @@ def launch(script, env_id, seed, workdir, extra, save):
 
 
 def run_dir_of(workdir, env_id, seed):
-    dirs = sorted(d for d in glob.glob(os.path.join(workdir, "runs", f"{env_id}__*__{seed}__*"))
+    dirs = sorted(d for d in glob.glob(os.path.join(workdir, "runs", f"{env_id.replace('/', '-')}__*__{seed}__*"))
                   if not d.endswith("-eval"))
     dirs = [d for d in dirs if "-eval__" not in d]
     return dirs[-1]

@@ -172,5 +172,55 @@ class NextStepBandit(gym.vector.VectorEnv):
         return obs, rewards, ended.copy(), np.zeros(self.num_envs, bool), {}
 
 
+class ImageBandit(Bandit):
+    """The Bandit seen as a frame: a 1x36x36 uint8 image whose left half is lit in state 0 and right
+    half in state 1 (36 is the least the Nature CNN takes). Only a working pixel path (frames stored,
+    scaled, convolved) learns π(a = s | s) → 1 from it."""
+
+    observation_space = gym.spaces.Box(0, 255, (1, 36, 36), np.uint8)
+
+    @staticmethod
+    def frame(s):
+        x = np.zeros((1, 36, 36), np.uint8)
+        x[:, :, 18 * s:18 * (s + 1)] = 255
+        return x
+
+    def reset(self, seed=None, options=None):
+        _, info = super().reset(seed=seed)
+        return self.frame(self.s), info
+
+    def step(self, action):
+        return self.frame(self.s), float(int(action) == self.s), True, False, {}
+
+
+class ScriptedAtari(gym.vector.VectorEnv):
+    """One scripted Atari game as ale-py's vector env reports it (NEXT_STEP, `info["lives"]`), for
+    checking by hand what is logged and what the learner sees. Frames (1x36x36) show the step count."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+    # step:        1  2  3  4  5  6  7  (game over) 8 (reset step)  9
+    REWARDS = [0, 4, 0, 1, 0, -1, 7, 0, 2]
+    LIVES = [3, 3, 2, 2, 1, 1, 0, 3, 3]
+
+    def __init__(self):
+        self.num_envs = 1
+        self.single_observation_space = gym.spaces.Box(0, 255, (1, 36, 36), np.uint8)
+        self.single_action_space = gym.spaces.Discrete(2)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, 1)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, 1)
+
+    def reset(self, seed=None, options=None):
+        self.t = 0
+        return np.zeros((1, 1, 36, 36), np.uint8), {"lives": np.array([3])}
+
+    def step(self, actions):
+        reward, lives = self.REWARDS[self.t], self.LIVES[self.t]
+        self.t += 1
+        over = self.t == 7
+        return (np.full((1, 1, 36, 36), self.t, np.uint8), np.array([float(reward)]), np.array([over]),
+                np.array([False]), {"lives": np.array([lives])})
+
+
 gym.register("Bandit-v0", entry_point=Bandit)
+gym.register("ImageBandit-v0", entry_point=ImageBandit)
 gym.register("NextStepBandit-v0", entry_point=Bandit, vector_entry_point=NextStepBandit)

@@ -13,7 +13,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
+from conftest import (Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
                       run_script)
 
 
@@ -91,7 +91,7 @@ def test_a2c_loss_combines_with_the_right_signs():
 def step_on_combined_loss(vf_coef, ent_coef):
     """One SGD step on L with zero advantages; returns (critic error, entropy) before and after."""
     torch.manual_seed(0)
-    agent = a2c.ActorCritic(3, gym.spaces.Discrete(2))
+    agent = a2c.ActorCritic((3,), gym.spaces.Discrete(2))
     with torch.no_grad():
         agent.actor.bias.copy_(torch.tensor([2.0, -2.0]))  # a confident policy, far from uniform
     obs = torch.randn(8, 3)
@@ -132,7 +132,7 @@ def test_gaussian_log_prob_and_entropy():
 
 
 def test_numpy_policy_matches_the_network():
-    agent = a2c.ActorCritic(4, gym.spaces.Discrete(3))
+    agent = a2c.ActorCritic((4,), gym.spaces.Discrete(3))
     obs = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
     logits = a2c.NumpyPolicy(agent, np.random.default_rng(0)).forward(obs)
     np.testing.assert_allclose(logits, agent.actor(agent.body(torch.from_numpy(obs))).detach().numpy(), atol=1e-6)
@@ -152,7 +152,7 @@ def counter_envs(mode):
 def test_rollout_returns_stop_at_episode_ends(mode):
     # V(s) = the observation (steps taken), so every bootstrap value can be read off.
     envs = counter_envs(mode)
-    rollout = a2c.Rollout.empty(4, 2, 1, envs.single_action_space)
+    rollout = a2c.Rollout.empty(4, 2, (1,), envs.single_action_space)
     obs, _ = envs.reset(seed=0)
     a2c.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs, np.zeros(2, bool))
     returns = a2c.n_step_returns(rollout.rewards, rollout.next_obs[..., 0], rollout.terminations,
@@ -192,7 +192,7 @@ def test_normalised_rollout_bootstraps_a_truncation_from_the_normalised_final_ob
                                     autoreset_mode=AutoresetMode.NEXT_STEP)
     envs = a2c.frozen_obs_normalization(envs, {"mean": torch.tensor([1.0]), "var": torch.tensor([4.0]),
                                                "count": 50.0})
-    rollout = a2c.Rollout.empty(3, 1, 1, envs.single_action_space)
+    rollout = a2c.Rollout.empty(3, 1, (1,), envs.single_action_space)
     obs, _ = envs.reset(seed=0)
     a2c.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs, np.zeros(1, bool))
     # raw 0→1, 1→2 (truncated), reset step 2→0; normalised (x - 1)/2
@@ -408,7 +408,7 @@ def test_an_unwritable_working_directory_is_one_line(tmp_path, capsys):
 
 def test_numpy_policy_samples_follow_the_torch_distributions():
     torch.manual_seed(0)
-    agent = a2c.ActorCritic(3, gym.spaces.Discrete(3))
+    agent = a2c.ActorCritic((3,), gym.spaces.Discrete(3))
     with torch.no_grad():
         agent.actor.bias.copy_(torch.tensor([0.0, 1.0, 2.0]))
     obs = np.zeros((40_000, 3), np.float32)
@@ -416,7 +416,7 @@ def test_numpy_policy_samples_follow_the_torch_distributions():
     actions = a2c.NumpyPolicy(agent, np.random.default_rng(0))(obs)
     np.testing.assert_allclose(np.bincount(actions, minlength=3) / len(actions), probs, atol=0.01)
 
-    agent = a2c.ActorCritic(3, gym.spaces.Box(-1, 1, (2,)))
+    agent = a2c.ActorCritic((3,), gym.spaces.Box(-1, 1, (2,)))
     with torch.no_grad():
         agent.log_std.copy_(torch.tensor([-1.0, 0.5]))
     mean = agent.actor(agent.body(torch.zeros(1, 3)))[0].detach().numpy()
@@ -432,7 +432,7 @@ def test_categorical_sampler_with_an_exponential_draw_of_zero_is_finite():
             e = np.ones(shape, dtype)
             e[..., 1] = 0.0
             return e
-    policy = a2c.NumpyPolicy(a2c.ActorCritic(2, gym.spaces.Discrete(4)), ZeroAt1())
+    policy = a2c.NumpyPolicy(a2c.ActorCritic((2,), gym.spaces.Discrete(4)), ZeroAt1())
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # "divide by zero encountered in log" fails the test
         actions = policy(np.zeros((3, 2), np.float32))
@@ -488,7 +488,7 @@ def test_learns_the_bandits_value(tmp_path, capsys, env_id):
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9
-    agent = a2c.ActorCritic(2, gym.spaces.Discrete(2))
+    agent = a2c.ActorCritic((2,), gym.spaces.Discrete(2))
     agent.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
     np.testing.assert_allclose(agent.get_value(torch.eye(2)).detach().numpy(), [1.0, 1.0], atol=0.2)
 
@@ -531,7 +531,7 @@ def test_learns_a_continuous_bandit_and_its_value(tmp_path, capsys):
                    "--total-timesteps", "8192", "--no-norm-obs", "--no-norm-reward", "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
-    agent = a2c.ActorCritic(2, ContinuousBandit.action_space)
+    agent = a2c.ActorCritic((2,), ContinuousBandit.action_space)
     agent.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
     states = torch.eye(2)
     with torch.no_grad():
@@ -599,3 +599,88 @@ def test_reward_scale_counts_the_first_step_after_a_reset():
     envs.reset(seed=1)
     envs.step(np.array([0]))
     np.testing.assert_allclose(envs.accumulated_reward, [1.0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames: the CNN body, the Atari learner's view, the logged score
+# ---------------------------------------------------------------------------------------------
+
+def test_nature_cnn_body_shapes():
+    agent = a2c.ActorCritic((4, 84, 84), gym.spaces.Discrete(6))
+    frames = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    assert agent.body[:-2](frames).shape == (5, 3136)  # 64 maps of 7x7 before the 512-unit layer
+    assert agent.body(frames).shape == (5, 512)
+    logp, entropy, value = agent.evaluate_actions(frames, torch.zeros(5, dtype=torch.int64))
+    assert logp.shape == entropy.shape == value.shape == (5,)
+    assert agent.logits(frames).shape == (5, 6)
+    assert torch.equal(agent.body[0](torch.full((1, 1), 255, dtype=torch.uint8)), torch.ones(1, 1))
+
+
+def test_frames_pick_their_defaults_and_a_given_flag_wins():
+    frames, vectors = a2c.with_defaults(a2c.Args(), frames=True), a2c.with_defaults(a2c.Args(), frames=False)
+    assert (frames.learning_rate, frames.num_envs, frames.num_steps, frames.gamma) == (7e-4, 16, 5, 0.99)
+    assert (vectors.learning_rate, vectors.num_envs, vectors.num_steps, vectors.gamma) == (3e-3, 8, 16, 0.999)
+    assert a2c.with_defaults(a2c.Args(num_steps=7), frames=True).num_steps == 7
+
+
+def test_learner_signal_clips_rewards_and_ends_episodes_at_lost_lives():
+    rewards, terminations = np.array([4.0, -2.0, 0.0, 1.0]), np.array([False, False, False, True])
+    lives, previous = np.array([3, 2, 5, 0]), np.array([3, 3, 0, 1])  # env 1 lost a life; env 2 began a game
+    r, term, new_lives = a2c.learner_signal(rewards, terminations, lives, previous, True, True)
+    np.testing.assert_array_equal(r, [1.0, -1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(term, [False, True, False, True])
+    np.testing.assert_array_equal(new_lives, lives)
+
+
+def test_the_logged_return_is_the_whole_game_and_the_learner_sees_lives_and_signs():
+    # ScriptedAtari: rewards 0, 4, 0, 1, 0, -1, 7 with lives 3, 3, 2, 2, 1, 1, 0 after each step; game
+    # over at step 7; step 8 is the reset step; step 9 pays 2 in the new game.
+    envs = a2c.AtariLearnerView(gym.wrappers.vector.RecordEpisodeStatistics(ScriptedAtari()), True, True)
+    rollout = a2c.Rollout.empty(9, 1, (1, 36, 36), envs.single_action_space, np.uint8)
+    episodes = []
+    obs, _ = envs.reset(seed=0)
+    a2c.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs, np.zeros(1, bool),
+                        lambda r, l: episodes.extend(zip(r, l)))
+    assert episodes == [(11.0, 7)]  # 0 + 4 + 0 + 1 + 0 - 1 + 7, all lives, unclipped
+    np.testing.assert_array_equal(rollout.rewards[:, 0], [0, 1, 0, 1, 0, -1, 1, 0, 1])
+    np.testing.assert_array_equal(rollout.terminations[:, 0], [0, 0, 1, 0, 1, 0, 1, 0, 0])
+    np.testing.assert_array_equal(rollout.valid[:, 0], [1, 1, 1, 1, 1, 1, 1, 0, 1])
+
+
+def frames_run(tmp_path, capsys, *argv):
+    out = run_main(a2c, tmp_path, capsys, *argv)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    return read_tags(run)[0], run
+
+
+def test_a_training_run_logs_the_game_score(tmp_path, capsys, monkeypatch):
+    scripted = a2c.AtariLearnerView(gym.wrappers.vector.RecordEpisodeStatistics(ScriptedAtari()), True, True)
+    monkeypatch.setattr(a2c, "observes_frames", lambda env_id: True)
+    monkeypatch.setattr(a2c, "make_envs", lambda args, num_envs, run_name="": scripted)
+    tags, _ = frames_run(tmp_path, capsys, "--env-id", "CartPole-v1", "--num-envs", "1", "--num-steps", "9",
+                         "--total-timesteps", "9")
+    assert tags["charts/episodic_return"] == [11.0] and tags["charts/episodic_length"] == [7]
+
+
+def test_learns_a_bandit_from_frames(tmp_path, capsys):
+    # The frame defaults but the bandit's horizon of one step.
+    tags, run = frames_run(tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-steps", "2",
+                           "--total-timesteps", "4096", "--save-model")
+    # π(a = s | s) → 1 from pixels alone: the last 100 episodes score above 0.9 (uniform: 0.5).
+    assert np.mean(tags["charts/episodic_return"][-100:]) > 0.9
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["spaces"]["obs_shape"] == [1, 36, 36] and ckpt["obs_rms"] is None
+
+
+@pytest.mark.skipif(a2c.ale_py is None, reason="needs ale-py")
+def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
+    # Pong, because every game ends (an untrained agent loses 21-0 in about 800 steps).
+    tags, run = frames_run(tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--num-envs", "2",
+                           "--total-timesteps", "200", "--save-model")
+    assert {"losses/policy_loss", "charts/SPS"} <= set(tags)
+    assert run.name.startswith("PongNoFrameskip-v4__a2c__1__")
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
+                   str(run / "model.pt"), "--eval-episodes", "1")
+    assert out.returncode == 0, out.stderr
+    assert "eval: 1 episodes of PongNoFrameskip-v4: return -2" in out.stdout  # -21 to -19: an untrained agent

@@ -15,7 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import (Counter, interrupt_script, make_runs_unwritable, one_line_error, read_tags, run_main,
+from conftest import (Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_line_error, read_tags, run_main,
                       run_script)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
@@ -115,7 +115,7 @@ def rows(x):
 
 def test_rollout_same_step_keeps_final_observations():
     envs = counter_envs(AutoresetMode.SAME_STEP)
-    rollout = ppo.Rollout.empty(4, 2, 1)
+    rollout = ppo.Rollout.empty(4, 2, (1,))
     episodes = []
     obs, _ = envs.reset(seed=0)
     obs, after_done = ppo.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs,
@@ -135,7 +135,7 @@ def test_rollout_same_step_keeps_final_observations():
 
 def test_rollout_next_step_marks_reset_steps_invalid():
     envs = counter_envs(AutoresetMode.NEXT_STEP)
-    rollout = ppo.Rollout.empty(5, 2, 1)
+    rollout = ppo.Rollout.empty(5, 2, (1,))
     obs, _ = envs.reset(seed=0)
     obs, after_done = ppo.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs,
                                           np.zeros(2, bool))
@@ -148,15 +148,15 @@ def test_rollout_next_step_marks_reset_steps_invalid():
     assert rows(rollout.truncations) == [[False] * 5, [False, True, False, False, True]]
     # The next rollout starts on env 1's reset step.
     assert after_done.tolist() == [False, True]
-    rollout2 = ppo.Rollout.empty(1, 2, 1)
+    rollout2 = ppo.Rollout.empty(1, 2, (1,))
     ppo.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout2, obs, after_done)
     assert rows(rollout2.valid) == [[True], [False]]
 
 
 def test_native_cartpole_vector_env_is_next_step():
-    envs = ppo.make_envs("CartPole-v1", 2, 0)
+    envs = ppo.make_envs(ppo.Args(env_id="CartPole-v1"), 2)
     assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
-    envs = ppo.make_envs("Acrobot-v1", 2, 0)
+    envs = ppo.make_envs(ppo.Args(env_id="Acrobot-v1"), 2)
     assert envs.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
 
 
@@ -240,14 +240,14 @@ def test_gumbel_max_with_an_exponential_draw_of_zero_is_finite():
 
 
 def test_numpy_policy_matches_the_torch_actor():
-    agent = ppo.Agent(4, 3)
+    agent = ppo.Agent((4,), 3)
     obs = np.random.default_rng(1).normal(size=(5, 4)).astype(np.float32)
     logits = ppo.NumpyPolicy(agent.actor, np.random.default_rng(0)).logits(obs)
     np.testing.assert_allclose(logits, agent.actor(torch.from_numpy(obs)).detach().numpy(), atol=1e-6)
 
 
 def test_agent_log_prob_and_value_shapes():
-    agent = ppo.Agent(4, 2)
+    agent = ppo.Agent((4,), 2)
     obs, actions = torch.zeros(3, 4), torch.tensor([0, 1, 1])
     logprob, entropy, value = agent.evaluate_actions(obs, actions)
     assert logprob.shape == entropy.shape == value.shape == (3,)
@@ -288,7 +288,7 @@ def bandit_batch(n=256):
     s = torch.randint(0, 2, (n,), generator=g)
     actions = torch.randint(0, 2, (n,), generator=g)
     torch.manual_seed(0)
-    agent = ppo.Agent(2, 2)
+    agent = ppo.Agent((2,), 2)
     obs, rewards = torch.eye(2)[s], (actions == s).float()
     with torch.no_grad():
         logprobs, _, values = agent.evaluate_actions(obs, actions)
@@ -299,7 +299,7 @@ def bandit_batch(n=256):
 def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, **flags):
     """A copy of `agent` after one ppo_update (2 epochs x 4 minibatches unless told), and its stats."""
     agent = copy.deepcopy(agent)
-    args = ppo.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags})
+    args = ppo.with_defaults(ppo.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags}), frames=False)
     torch.manual_seed(1)  # the same shuffles every time
     stats = ppo.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args)
     return agent, stats
@@ -381,7 +381,7 @@ def test_learns_a_contextual_bandit(tmp_path, capsys, env_id):
     # NextStepBandit's reset steps pay the wrong action: only a learner that leaves them out gets here.
     assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9
     # The critic learned V(s) = 1, the return of that policy, in both states.
-    agent = ppo.Agent(2, 2)
+    agent = ppo.Agent((2,), 2)
     agent.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
     np.testing.assert_allclose(agent.get_value(torch.eye(2)).detach().numpy(), [1.0, 1.0], atol=0.2)
 
@@ -627,3 +627,123 @@ def test_incomplete_or_misshapen_checkpoints_are_one_line(tmp_path, capsys):
     torch.save(ckpt, tmp_path / "misshapen.pt")
     one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(tmp_path / "misshapen.pt")),
                    "ppo.py", "weights do not fit")
+
+
+# ---------------------------------------------------------------------------------------------
+# Frames: the CNN, the Atari learner's view, the logged score
+# ---------------------------------------------------------------------------------------------
+
+def test_nature_cnn_shapes():
+    agent = ppo.Agent((4, 84, 84), 6)
+    frames = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
+    assert agent.trunk[:-2](frames).shape == (5, 3136)  # 64 maps of 7x7 before the 512-unit layer
+    assert agent.trunk(frames).shape == (5, 512)
+    logp, entropy, value = agent.evaluate_actions(frames, torch.zeros(5, dtype=torch.int64))
+    assert logp.shape == entropy.shape == value.shape == (5,)
+    assert agent.logits(frames).shape == (5, 6)
+    # One body, two heads: the trunk's parameters are shared, each head is one linear layer.
+    assert isinstance(agent.actor, torch.nn.Linear) and isinstance(agent.critic, torch.nn.Linear)
+    # Pixels are scaled inside the network: 255 is 1.0, so a frame of 255s and the float 1.0s agree.
+    assert torch.equal(agent.trunk[0](torch.full((1, 1), 255, dtype=torch.uint8)), torch.ones(1, 1))
+    # Vectors keep their two separate MLPs and no trunk.
+    assert isinstance(ppo.Agent((4,), 2).trunk, torch.nn.Identity)
+
+
+def test_frames_pick_their_defaults_and_a_given_flag_wins():
+    frames = ppo.with_defaults(ppo.Args(), frames=True)
+    vectors = ppo.with_defaults(ppo.Args(), frames=False)
+    assert (frames.learning_rate, frames.num_steps, frames.num_minibatches, frames.clip_coef) == (2.5e-4, 128, 4, 0.1)
+    assert (vectors.learning_rate, vectors.num_steps, vectors.num_minibatches, vectors.clip_coef) == (1e-3, 256, 32, 0.2)
+    assert ppo.with_defaults(ppo.Args(learning_rate=0.5), frames=True).learning_rate == 0.5
+
+
+def test_learner_signal_clips_rewards_and_ends_episodes_at_lost_lives():
+    rewards, terminations, lives = np.array([4.0, -2.0, 0.0, 1.0]), np.array([False, False, False, True]), \
+        np.array([3, 2, 5, 0])
+    previous = np.array([3, 3, 0, 1])  # env 1 lost a life; env 2 starts a new game (0 -> 5 lives)
+    r, term, new_lives = ppo.learner_signal(rewards, terminations, lives, previous, True, True)
+    np.testing.assert_array_equal(r, [1.0, -1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(term, [False, True, False, True])
+    np.testing.assert_array_equal(new_lives, lives)
+    r, term, _ = ppo.learner_signal(rewards, terminations, lives, previous, False, False)
+    np.testing.assert_array_equal(r, rewards)
+    np.testing.assert_array_equal(term, terminations)
+
+
+def scripted_rollout(episodic_life, clip_reward):
+    envs = ppo.AtariLearnerView(gym.wrappers.vector.RecordEpisodeStatistics(ScriptedAtari()), episodic_life,
+                                clip_reward)
+    rollout = ppo.Rollout.empty(9, 1, (1, 36, 36), np.uint8)
+    episodes = []
+    obs, _ = envs.reset(seed=0)
+    ppo.collect_rollout(envs, lambda o: np.zeros(len(o), np.int64), rollout, obs, np.zeros(1, bool),
+                        lambda r, l: episodes.extend(zip(r, l)))
+    return rollout, episodes
+
+
+def test_the_logged_return_is_the_whole_game_and_the_learner_sees_lives_and_signs():
+    # ScriptedAtari: rewards 0, 4, 0, 1, 0, -1, 7 with lives 3, 3, 2, 2, 1, 1, 0 after each step; game
+    # over at step 7; step 8 is the reset step (reward 0); step 9 pays 2 in the new game.
+    rollout, episodes = scripted_rollout(episodic_life=True, clip_reward=True)
+    # The score of the game, all lives, unclipped: 0 + 4 + 0 + 1 + 0 - 1 + 7 = 11, in 7 steps.
+    assert episodes == [(11.0, 7)]
+    # The learner: each reward's sign, an episode's end at each lost life (steps 3, 5, 7).
+    np.testing.assert_array_equal(rollout.rewards[:, 0], [0, 1, 0, 1, 0, -1, 1, 0, 1])
+    np.testing.assert_array_equal(rollout.terminations[:, 0], [0, 0, 1, 0, 1, 0, 1, 0, 0])
+    # Only the step after the game's end resets the env; steps after a lost life are transitions.
+    np.testing.assert_array_equal(rollout.valid[:, 0], [1, 1, 1, 1, 1, 1, 1, 0, 1])
+
+    rollout, episodes = scripted_rollout(episodic_life=False, clip_reward=False)
+    assert episodes == [(11.0, 7)]
+    np.testing.assert_array_equal(rollout.rewards[:, 0], ScriptedAtari.REWARDS)
+    np.testing.assert_array_equal(rollout.terminations[:, 0], [0, 0, 0, 0, 0, 0, 1, 0, 0])
+
+
+def test_a_training_run_logs_the_game_score(tmp_path, capsys, monkeypatch):
+    scripted = ppo.AtariLearnerView(gym.wrappers.vector.RecordEpisodeStatistics(ScriptedAtari()), True, True)
+    monkeypatch.setattr(ppo, "observes_frames", lambda env_id: True)
+    monkeypatch.setattr(ppo, "make_envs", lambda args, num_envs, run_name="": scripted)
+    tags = logged_run(tmp_path, capsys, "--env-id", "CartPole-v1", "--num-envs", "1", "--num-steps", "9",
+                      "--num-minibatches", "1", "--total-timesteps", "9")
+    assert tags["charts/episodic_return"] == [11.0] and tags["charts/episodic_length"] == [7]
+
+
+def logged_run(tmp_path, capsys, *argv):
+    out = run_main(ppo, tmp_path, capsys, *argv)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    return read_tags(run)[0]
+
+
+def test_learns_a_bandit_from_frames(tmp_path, capsys):
+    # The frame defaults (lr 2.5e-4, clip 0.1) but a small batch, so it learns in seconds.
+    tags = logged_run(tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-envs", "4", "--num-steps", "32",
+                      "--total-timesteps", "3072", "--save-model")
+    # π(a = s | s) → 1 from pixels alone: the last 100 episodes score above 0.9 (uniform: 0.5).
+    assert np.mean(tags["charts/episodic_return"][-100:]) > 0.9
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["obs_shape"] == [1, 36, 36] and ckpt["args"]["learning_rate"] == 2.5e-4
+
+
+@pytest.mark.skipif(ppo.ale_py is None, reason="needs ale-py")
+def test_atari_ids_make_the_preprocessed_vector_env():
+    envs = ppo.make_envs(ppo.Args(env_id="ALE/Breakout-v5"), 2)
+    assert envs.single_observation_space.shape == (4, 84, 84) and envs.single_observation_space.dtype == np.uint8
+    assert envs.single_action_space == gym.spaces.Discrete(4)
+    assert envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
+    envs.close()
+
+
+@pytest.mark.skipif(ppo.ale_py is None, reason="needs ale-py")
+def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
+    # Pong, because every game ends (an untrained agent loses 21-0 in about 800 steps).
+    tags = logged_run(tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--num-envs", "2", "--num-steps", "64",
+                      "--total-timesteps", "256", "--save-model")
+    assert {"losses/policy_loss", "charts/SPS"} <= set(tags)
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("PongNoFrameskip-v4__ppo__1__")
+    out = run_main(ppo, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
+                   str(run / "model.pt"), "--eval-episodes", "1")
+    assert out.returncode == 0, out.stderr
+    assert "eval: 1 episodes of PongNoFrameskip-v4: return -2" in out.stdout  # -21 to -19: an untrained agent
