@@ -202,7 +202,9 @@ class ScriptedAtari(gym.vector.VectorEnv):
     REWARDS = [0, 4, 0, 1, 0, -1, 7, 0, 2]
     LIVES = [3, 3, 2, 2, 1, 1, 0, 3, 3]
 
-    def __init__(self):
+    def __init__(self, game="scripted", num_envs=1, reward_clipping=False, **ale_options):
+        # Stands in for ale_py's AtariVectorEnv too: its own clipping, if asked for, would reach the log.
+        self.reward_clipping = reward_clipping
         self.num_envs = 1
         self.single_observation_space = gym.spaces.Box(0, 255, (1, 36, 36), np.uint8)
         self.single_action_space = gym.spaces.Discrete(2)
@@ -217,6 +219,7 @@ class ScriptedAtari(gym.vector.VectorEnv):
         reward, lives = self.REWARDS[self.t], self.LIVES[self.t]
         self.t += 1
         over = self.t == 7
+        reward = np.sign(reward) if self.reward_clipping else reward
         return (np.full((1, 1, 36, 36), self.t, np.uint8), np.array([float(reward)]), np.array([over]),
                 np.array([False]), {"lives": np.array([lives])})
 
