@@ -21,6 +21,7 @@ Needs matplotlib (benchmarks/requirements.txt) for the plot.
 import argparse
 import glob
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -93,8 +94,13 @@ def make_target_envs(script, env_id, extra):
     spec = importlib.util.spec_from_file_location("bench_target", os.path.join(ROOT, script))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    num_envs = int(extra[extra.index("--num-envs") + 1]) if "--num-envs" in extra else module.Args().num_envs
-    envs = module.make_envs(env_id, num_envs, 0)
+    if "args" in inspect.signature(module.make_envs).parameters:  # ppo.py, a2c.py: defaults by observation kind
+        args = module.with_defaults(module.Args(env_id=env_id, seed=0), module.observes_frames(env_id))
+        num_envs = int(extra[extra.index("--num-envs") + 1]) if "--num-envs" in extra else args.num_envs
+        envs = module.make_envs(args, num_envs)
+    else:
+        num_envs = int(extra[extra.index("--num-envs") + 1]) if "--num-envs" in extra else module.Args().num_envs
+        envs = module.make_envs(env_id, num_envs, 0)
     envs.reset(seed=0)
     return envs, num_envs
 
