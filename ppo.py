@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import Optional
+from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
@@ -92,6 +92,9 @@ class Args:
     target_kl: Optional[float] = None
     """stop the epochs early once the approximate KL exceeds this (checked every minibatch)"""
 
+    cnn_precision: Literal["auto", "bfloat16", "float32"] = "auto"
+    """frames: the CNN trunk's arithmetic (the heads and losses stay float32); auto is bfloat16 where the
+    device does it natively (a CPU with AMX or AVX512-BF16, a GPU with bf16), else float32"""
     atari_noop_max: int = 30
     """Atari: at most this many no-op actions at the start of a game, so starts differ"""
     atari_frame_skip: int = 4
@@ -370,15 +373,21 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, n_actions), std=0.01),
         )
 
+    bf16 = False  # run the trunk in bfloat16 (set by `use_bf16`; not part of the saved weights)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            return self.trunk(x).float()
+
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.actor(self.trunk(x))
+        return self.actor(self.features(x))
 
     def get_value(self, x: torch.Tensor) -> torch.Tensor:
-        return self.critic(self.trunk(x)).squeeze(-1)
+        return self.critic(self.features(x)).squeeze(-1)
 
     def evaluate_actions(self, x: torch.Tensor, action: torch.Tensor):
         """(log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
-        h = self.trunk(x)  # once: for frames, the CNN is most of the cost
+        h = self.features(x)  # once: for frames, the CNN is most of the cost
         logp = torch.log_softmax(self.actor(h), dim=-1)
         value = self.critic(h).squeeze(-1)
         return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), categorical_entropy(logp), value
@@ -386,6 +395,19 @@ class Agent(nn.Module):
     def act_deterministic(self, x: torch.Tensor) -> torch.Tensor:
         """argmax_a π_θ(a|s), the policy used to evaluate a saved model."""
         return self.logits(x).argmax(-1)
+
+
+def use_bf16(precision: str, frames: bool, device: torch.device) -> bool:
+    """Whether the CNN trunk runs in bfloat16: measured on a CPU with AMX, a gradient step on 256
+    frames takes 86 ms instead of 226; where the hardware lacks it, bfloat16 is emulated and slower."""
+    if not frames or precision == "float32":
+        return False
+    if precision == "bfloat16":
+        return True
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return any(native)
 
 
 def sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -500,6 +522,18 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
             on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
         after_done = info.get("game_over", terminated | truncated)
     return obs, after_done
+
+
+def next_state_values(agent: Agent, rollout: Rollout, values: np.ndarray, device: torch.device) -> np.ndarray:
+    """V(s') of the state each step led to: V(s_{t+1}) where the next step starts from it (every step but
+    the last, in NEXT_STEP mode), the critic run only on the rest (the last step, a SAME_STEP episode's end)."""
+    T, N = values.shape
+    fresh = np.ones((T, N), bool)
+    fresh[:-1] = (rollout.next_obs[:-1] != rollout.obs[1:]).reshape(T - 1, N, -1).any(-1)
+    next_values = np.empty_like(values)
+    next_values[:-1] = values[1:]
+    next_values[fresh] = agent.get_value(torch.from_numpy(rollout.next_obs[fresh]).to(device)).cpu().numpy()
+    return next_values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,6 +818,7 @@ def train(args: Args) -> None:
     envs = make_envs(args, args.num_envs, run_name)
     obs_shape, n_actions = envs.single_observation_space.shape, int(envs.single_action_space.n)
     agent = Agent(obs_shape, n_actions).to(device)
+    agent.bf16 = use_bf16(args.cnn_precision, frames, device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))
 
@@ -825,8 +860,11 @@ def train(args: Args) -> None:
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1)).to(device)
                 b_logprobs, _, b_values = agent.evaluate_actions(b_obs, b_actions)
                 values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
-                next_obs = torch.from_numpy(rollout.next_obs.reshape((-1,) + obs_shape)).to(device)
-                next_values = agent.get_value(next_obs).cpu().numpy().reshape(args.num_steps, args.num_envs)
+                if frames:  # a second pass of the CNN over the batch would cost as much as the first
+                    next_values = next_state_values(agent, rollout, values, device)
+                else:
+                    next_obs = torch.from_numpy(rollout.next_obs.reshape((-1,) + obs_shape)).to(device)
+                    next_values = agent.get_value(next_obs).cpu().numpy().reshape(args.num_steps, args.num_envs)
 
             # 2. The advantage estimate Â_t.
             advantages, returns = gae(rollout.rewards, values, next_values, rollout.terminations,
@@ -874,6 +912,7 @@ def evaluate(args: Args) -> None:
     obs_shape, n_actions = envs.single_observation_space.shape, int(envs.single_action_space.n)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, obs_shape, n_actions)
     agent = Agent(obs_shape, n_actions).to(device)
+    agent.bf16 = use_bf16(args.cnn_precision, frames, device)
     try:
         agent.load_state_dict(ckpt["model"])
     except RuntimeError:  # same script and spaces, other layer shapes (another version of it)

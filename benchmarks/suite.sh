@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The suite every script's defaults are chosen on: each script with its default flags but
-# --env-id and --seed, 5 seeds (BipedalWalker 3), two runs at a time on two cores. One table
+# --env-id and --seed (ppo_continuous.py's Box2D envs: the flags README's Use table gives them),
+# 5 seeds (BipedalWalker 3), two runs at a time on two cores. One table
 # (results.md) and one plot (curves.png) per script and group, under benchmarks/results/SCRIPT/suite*.
 #
 #   benchmarks/suite.sh ppo          # one script's suite; or: a2c, reinforce, ppo_continuous, a2c_continuous, sb3
@@ -15,10 +16,14 @@ case "${1:-}" in
   a2c)            bench --script a2c.py --env-ids $discrete --out benchmarks/results/a2c/suite ;;
   reinforce)      bench --script reinforce.py --env-ids $discrete --extra "--total-timesteps 1000000" \
                         --out benchmarks/results/reinforce/suite ;;
-  ppo_continuous) bench --script ppo_continuous.py --env-ids Pendulum-v1 LunarLanderContinuous-v3 \
-                        --out benchmarks/results/ppo_continuous/suite
+  # ppo_continuous.py's defaults are MuJoCo's; the Box2D envs take their own flags (README, Use).
+  ppo_continuous) bench --script ppo_continuous.py --env-ids Pendulum-v1 --out benchmarks/results/ppo_continuous/suite
+                  bench --script ppo_continuous.py --env-ids LunarLanderContinuous-v3 \
+                        --extra "--gamma 0.999 --gae-lambda 0.98 --num-envs 8 --num-steps 256 --update-epochs 4" \
+                        --out benchmarks/results/ppo_continuous/LunarLanderContinuous-v3-8envs
                   bench --script ppo_continuous.py --env-ids BipedalWalker-v3 --seeds 1 2 3 \
-                        --extra "--total-timesteps 3000000" --out benchmarks/results/ppo_continuous/suite-bipedalwalker ;;
+                        --extra "--total-timesteps 3000000 --gamma 0.999 --gae-lambda 0.95 --ent-coef 0.001" \
+                        --out benchmarks/results/ppo_continuous/BipedalWalker-v3 ;;
   a2c_continuous) bench --script a2c.py --env-ids Pendulum-v1 LunarLanderContinuous-v3 \
                         --out benchmarks/results/a2c/suite-continuous
                   bench --script a2c.py --env-ids BipedalWalker-v3 --seeds 1 2 3 \

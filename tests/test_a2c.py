@@ -664,10 +664,17 @@ def test_a_training_run_logs_the_game_score(tmp_path, capsys, monkeypatch):
     assert tags["charts/episodic_return"] == [11.0] and tags["charts/episodic_length"] == [7]
 
 
-def test_learns_a_bandit_from_frames(tmp_path, capsys):
+def test_cnn_precision():
+    cpu = torch.device("cpu")
+    assert not a2c.use_bf16("bfloat16", False, cpu)  # vectors: never
+    assert a2c.use_bf16("bfloat16", True, cpu) and not a2c.use_bf16("float32", True, cpu)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_learns_a_bandit_from_frames(tmp_path, capsys, precision):
     # The frame defaults but the bandit's horizon of one step.
     tags, run = frames_run(tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-steps", "2",
-                           "--total-timesteps", "4096", "--save-model")
+                           "--total-timesteps", "4096", "--save-model", "--cnn-precision", precision)
     # π(a = s | s) → 1 from pixels alone: the last 100 episodes score above 0.9 (uniform: 0.5).
     assert np.mean(tags["charts/episodic_return"][-100:]) > 0.9
     ckpt = torch.load(run / "model.pt", weights_only=True)

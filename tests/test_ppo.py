@@ -716,10 +716,17 @@ def logged_run(tmp_path, capsys, *argv):
     return read_tags(run)[0]
 
 
-def test_learns_a_bandit_from_frames(tmp_path, capsys):
+def test_cnn_precision():
+    cpu = torch.device("cpu")
+    assert not ppo.use_bf16("bfloat16", False, cpu)  # vectors: never
+    assert ppo.use_bf16("bfloat16", True, cpu) and not ppo.use_bf16("float32", True, cpu)
+
+
+@pytest.mark.parametrize("precision", ["bfloat16", "float32"])
+def test_learns_a_bandit_from_frames(tmp_path, capsys, precision):
     # The frame defaults (lr 2.5e-4, clip 0.1) but a small batch, so it learns in seconds.
     tags = logged_run(tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-envs", "4", "--num-steps", "32",
-                      "--total-timesteps", "3072", "--save-model")
+                      "--total-timesteps", "3072", "--save-model", "--cnn-precision", precision)
     # π(a = s | s) → 1 from pixels alone: the last 100 episodes score above 0.9 (uniform: 0.5).
     assert np.mean(tags["charts/episodic_return"][-100:]) > 0.9
     (run,) = (tmp_path / "runs").iterdir()
@@ -748,3 +755,24 @@ def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
                    str(run / "model.pt"), "--eval-episodes", "1")
     assert out.returncode == 0, out.stderr
     assert "eval: 1 episodes of PongNoFrameskip-v4: return -2" in out.stdout  # -21 to -19: an untrained agent
+
+
+def test_next_state_values_run_the_critic_only_where_the_next_step_does_not_start_from_that_state():
+    class Critic:  # V(s) = 10 s, and a record of the states it was asked about
+        asked = []
+
+        def get_value(self, x):
+            self.asked += x.flatten().tolist()
+            return 10.0 * x.float().flatten()
+
+    # Env 0 runs on (NEXT_STEP-like: each step starts where the last ended); env 1 ends an episode at
+    # t=0 in SAME_STEP mode, so its next state (final observation 9) is not the next step's start (5).
+    obs = t([[1, 2, 3], [4, 5, 6]])[..., None].astype(np.uint8)
+    next_obs = t([[2, 3, 7], [9, 6, 8]])[..., None].astype(np.uint8)
+    rollout = ppo.Rollout(obs, None, None, None, None, next_obs, None)
+    values = t([[10.5, 20.5, 30.5], [40.5, 50.5, 60.5]])  # what the batch pass gave (not exactly 10 s)
+    critic = Critic()
+    next_values = ppo.next_state_values(critic, rollout, values, torch.device("cpu"))
+    # Reused from the batch pass: env 0 at t=0, 1 and env 1 at t=1; asked: env 1's final state and both last steps.
+    np.testing.assert_allclose(next_values, t([[20.5, 30.5, 70.0], [90.0, 60.5, 80.0]]))
+    assert sorted(critic.asked) == [7, 8, 9]
