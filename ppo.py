@@ -445,16 +445,22 @@ class NumpyPolicy:
 
 
 class TorchPolicy:
-    """a ~ π_θ(·|s) for the rollout from the torch network: for frames the CNN, not the numpy copy, is
-    the cost; the uint8 frames go to it as they are (no float copy outside the network)."""
+    """a ~ π_θ(·|s) for the rollout from the torch network, for frames: the uint8 frames go to the CNN
+    as they are. It keeps log π_θold(a|s) and V(s) of every step: the CNN's pass that acts computes
+    them anyway, and a second pass over the whole batch afterwards would cost as much again."""
 
     def __init__(self, agent: Agent, rng: np.random.Generator, device: torch.device):
         self.agent, self.rng, self.device = agent, rng, device
+        self.logprobs, self.values = [], []
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = self.agent.logits(torch.from_numpy(obs).to(self.device)).cpu().numpy()
-        return sample_categorical(logits, self.rng)
+            hidden = self.agent.features(torch.from_numpy(obs).to(self.device))
+            logp = torch.log_softmax(self.agent.actor(hidden), dim=-1)
+            self.values.append(self.agent.critic(hidden).squeeze(-1))
+        action = sample_categorical(logp.cpu().numpy(), self.rng)  # softmax(log π) = π: the same draw
+        self.logprobs.append(logp.gather(-1, torch.from_numpy(action).to(self.device).unsqueeze(-1)).squeeze(-1))
+        return action
 
 
 # ---------------------------------------------------------------------------------------------
@@ -858,7 +864,10 @@ def train(args: Args) -> None:
             with torch.inference_mode():
                 b_obs = torch.from_numpy(rollout.obs.reshape((-1,) + obs_shape)).to(device)
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1)).to(device)
-                b_logprobs, _, b_values = agent.evaluate_actions(b_obs, b_actions)
+                if frames:  # computed while acting (TorchPolicy)
+                    b_logprobs, b_values = torch.cat(policy.logprobs), torch.cat(policy.values)
+                else:
+                    b_logprobs, _, b_values = agent.evaluate_actions(b_obs, b_actions)
                 values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
                 if frames:  # a second pass of the CNN over the batch would cost as much as the first
                     next_values = next_state_values(agent, rollout, values, device)

@@ -1,8 +1,10 @@
-"""Train ppo_continuous.py and another implementation at the same time, one per core, and
-compare their training speed (env steps per second).
+"""Train one of our scripts (ppo_continuous.py unless --ours) and another implementation at the
+same time, one per core, and compare their training speed (env steps per second).
 
     python benchmarks/side_by_side.py --other-python ../cleanrl-venv/bin/python \\
         --other-script ../cleanrl/cleanrl/ppo_continuous_action.py --env-id HalfCheetah-v4 --seconds 300
+    python benchmarks/side_by_side.py --ours ppo.py --other-python ../cleanrl-venv/bin/python \\
+        --other-script ../cleanrl/cleanrl/ppo_atari.py --env-id BreakoutNoFrameskip-v4 --seconds 600
 
 This machine's speed drifts by tens of percent over minutes, so only runs that share the same
 minutes compare. Both start together with their default flags (but --env-id, --seed and, for
@@ -31,20 +33,22 @@ def last_sps(text):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ours", default="ppo_continuous.py", help="our script")
     p.add_argument("--other-python", required=True, help="the Python of the other implementation's venv")
     p.add_argument("--other-script", required=True, help="e.g. CleanRL's ppo_continuous_action.py")
     p.add_argument("--env-id", default="HalfCheetah-v4")
     p.add_argument("--ours-env-id", default=None, help="our env id if it differs (default: --env-id)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--seconds", type=float, default=300.0)
+    p.add_argument("--other-flags", default="--no-cuda", help="flags for the other script beyond --env-id, --seed")
     a = p.parse_args()
 
     work = tempfile.mkdtemp(prefix="side_by_side_")
     commands = {
-        "ppo_continuous.py": [sys.executable, os.path.join(ROOT, "ppo_continuous.py"),
-                              "--env-id", a.ours_env_id or a.env_id, "--seed", str(a.seed)],
+        a.ours: [sys.executable, os.path.join(ROOT, a.ours), "--env-id", a.ours_env_id or a.env_id,
+                 "--seed", str(a.seed)],
         os.path.basename(a.other_script): [a.other_python, os.path.abspath(a.other_script),
-                                           "--env-id", a.env_id, "--seed", str(a.seed), "--no-cuda"],
+                                           "--env-id", a.env_id, "--seed", str(a.seed), *a.other_flags.split()],
     }
     procs = {}
     for name, cmd in commands.items():

@@ -776,3 +776,14 @@ def test_next_state_values_run_the_critic_only_where_the_next_step_does_not_star
     # Reused from the batch pass: env 0 at t=0, 1 and env 1 at t=1; asked: env 1's final state and both last steps.
     np.testing.assert_allclose(next_values, t([[20.5, 30.5, 70.0], [90.0, 60.5, 80.0]]))
     assert sorted(critic.asked) == [7, 8, 9]
+
+
+def test_the_frames_policy_keeps_the_log_probs_and_values_of_what_it_did():
+    agent = ppo.Agent((1, 36, 36), 3)
+    policy = ppo.TorchPolicy(agent, np.random.default_rng(0), torch.device("cpu"))
+    frames = np.random.default_rng(1).integers(0, 256, (3, 4, 1, 36, 36), dtype=np.uint8)  # T=3 steps of N=4
+    actions = np.stack([policy(f) for f in frames])
+    logp, _, value = agent.evaluate_actions(torch.from_numpy(frames.reshape(12, 1, 36, 36)),
+                                            torch.from_numpy(actions.reshape(12)))
+    np.testing.assert_allclose(torch.cat(policy.logprobs).numpy(), logp.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(torch.cat(policy.values).numpy(), value.detach().numpy(), atol=1e-5)
