@@ -42,6 +42,11 @@ def threshold(env_id):
     if env_id in THRESHOLDS:
         return THRESHOLDS[env_id]
     import gymnasium as gym
+    try:  # the Atari ids (none has a threshold)
+        import ale_py
+        gym.register_envs(ale_py)
+    except ImportError:
+        pass
     return gym.spec(env_id).reward_threshold
 
 
@@ -121,13 +126,13 @@ def step_randomly_while(proc, envs, num_envs):
     return np.array(marks)
 
 
-def launch(script, env_id, seed, workdir, extra, save):
+def launch(script, env_id, seed, workdir, extra, save, python=sys.executable):
     os.makedirs(workdir, exist_ok=True)
-    cmd = [sys.executable, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed)] + extra
+    cmd = [python, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed)] + extra
     if save:
         cmd.append("--save-model")
     start = time.time()
-    log = open(os.path.join(workdir, f"{env_id}__{seed}.log"), "w")
+    log = open(os.path.join(workdir, f"{env_id.replace('/', '-')}__{seed}.log"), "w")
     return subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT), start, cmd
 
 
@@ -228,6 +233,8 @@ def main():
     p.add_argument("--eval", action="store_true", help="save each model and report its evaluation return")
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/SCRIPT)")
     p.add_argument("--extra", default="", help="more flags for the script, e.g. '--total-timesteps 100000'")
+    p.add_argument("--python", default=sys.executable,
+                   help="the Python to run the script with: another implementation's virtual environment")
     a = p.parse_args()
     out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "results", a.script[:-3]))
     os.makedirs(out, exist_ok=True)
@@ -241,7 +248,7 @@ def main():
         while queue and len(running) < a.parallel and not (running and queue[0][2]):
             env_id, seed, beside = queue.pop(0)
             sub = os.path.join(out, "ratio") if beside else out
-            proc, start, cmd = launch(a.script, env_id, seed, sub, a.extra.split(), a.eval and not beside)
+            proc, start, cmd = launch(a.script, env_id, seed, sub, a.extra.split(), a.eval and not beside, a.python)
             running.append((proc, start, env_id, seed, cmd, beside, sub))
         marks = None
         if running[0][5]:
