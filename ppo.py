@@ -531,8 +531,9 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
 
 
 def next_state_values(agent: Agent, rollout: Rollout, values: np.ndarray, device: torch.device) -> np.ndarray:
-    """V(s') of the state each step led to: V(s_{t+1}) where the next step starts from it (every step but
-    the last, in NEXT_STEP mode), the critic run only on the rest (the last step, a SAME_STEP episode's end)."""
+    """V(s') of the state each step led to: the next step's V(s_{t+1}) where it starts from that state
+    (every step but the last, in NEXT_STEP mode), the critic run only on the rest (the last step, and a
+    SAME_STEP episode's final observation). For frames a pass of the CNN over the batch is saved."""
     T, N = values.shape
     fresh = np.ones((T, N), bool)
     fresh[:-1] = (rollout.next_obs[:-1] != rollout.obs[1:]).reshape(T - 1, N, -1).any(-1)
@@ -864,16 +865,12 @@ def train(args: Args) -> None:
             with torch.inference_mode():
                 b_obs = torch.from_numpy(rollout.obs.reshape((-1,) + obs_shape)).to(device)
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1)).to(device)
-                if frames:  # computed while acting (TorchPolicy)
+                if frames:  # the CNN pass that acted computed them (TorchPolicy); a second costs as much again
                     b_logprobs, b_values = torch.cat(policy.logprobs), torch.cat(policy.values)
                 else:
                     b_logprobs, _, b_values = agent.evaluate_actions(b_obs, b_actions)
                 values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
-                if frames:  # a second pass of the CNN over the batch would cost as much as the first
-                    next_values = next_state_values(agent, rollout, values, device)
-                else:
-                    next_obs = torch.from_numpy(rollout.next_obs.reshape((-1,) + obs_shape)).to(device)
-                    next_values = agent.get_value(next_obs).cpu().numpy().reshape(args.num_steps, args.num_envs)
+                next_values = next_state_values(agent, rollout, values, device)
 
             # 2. The advantage estimate Â_t.
             advantages, returns = gae(rollout.rewards, values, next_values, rollout.terminations,
