@@ -36,7 +36,7 @@ from gymnasium.vector import AutoresetMode
 try:  # registers the Atari ids (ALE/Breakout-v5, BreakoutNoFrameskip-v4) when ale-py is installed
     import ale_py
     gym.register_envs(ale_py)
-except ImportError:
+except (ImportError, OSError):  # not installed, or its library cannot load (Windows without the VC++ runtime)
     ale_py = None
 
 SCRIPT = os.path.basename(__file__)
@@ -118,7 +118,7 @@ class Args:
 
 # What an unset flag becomes, by observation kind: (vectors, frames). The vector settings were chosen
 # on the suite of README "Defaults"; the frame settings are those of the Atari PPO literature
-# (CleanRL's ppo_atari.py), measured in README "Atari".
+# (CleanRL's ppo_atari.py, but for its clipped value loss: off here, as for vectors).
 DEFAULTS = {"learning_rate": (1e-3, 2.5e-4), "num_steps": (256, 128), "gamma": (0.995, 0.99),
             "gae_lambda": (0.98, 0.95), "num_minibatches": (32, 4), "clip_coef": (0.2, 0.1)}
 
@@ -155,6 +155,11 @@ def check_args(args: Args) -> None:
                         f"does not divide into --num-minibatches {args.num_minibatches}")
     if args.total_timesteps < batch_size:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size})")
+    if args.env_id.startswith("ALE/") or "NoFrameskip" in args.env_id:  # ale-py's vector env
+        if args.capture_video:
+            raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
+        if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
+            raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if args.atari_noop_max < 0:
@@ -185,8 +190,12 @@ def is_atari(spec: gym.envs.registration.EnvSpec) -> bool:
 
 
 def is_image(space: gym.Space) -> bool:
-    """An image observation: a (channels, height, width) Box of uint8, as Atari's frame stack."""
-    return isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8
+    """An image observation: a (channels, height, width) Box of uint8, as Atari's frame stack, with fewer
+    channels than pixels a side and at least 36 pixels a side (the least the Nature CNN takes)."""
+    if not (isinstance(space, gym.spaces.Box) and len(space.shape) == 3 and space.dtype == np.uint8):
+        return False
+    channels, height, width = space.shape
+    return channels < min(height, width) and min(height, width) >= 36
 
 
 def observes_frames(env_id: str) -> bool:
@@ -196,8 +205,8 @@ def observes_frames(env_id: str) -> bool:
         return True
     try:
         probe = gym.make(env_id)
-    except gym.error.Error as e:
-        raise UserError(f"cannot make {env_id!r}: {e}") from None
+    except gym.error.Error:  # make_envs says what is wrong (or makes it as a vector env only)
+        return False
     probe.close()
     return is_image(probe.observation_space)
 
@@ -258,8 +267,6 @@ def make_atari_envs(args: Args, spec: gym.envs.registration.EnvSpec, num_envs: i
     unclipped and games end only at game over, so the logged return is the game's score;
     `AtariLearnerView` then clips rewards and ends the learner's episode at each lost life.
     """
-    if args.capture_video:
-        raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
     sticky = args.atari_sticky_actions
     envs = ale_py.vector_env.AtariVectorEnv(
         spec.kwargs["game"], num_envs,
@@ -275,7 +282,7 @@ class AtariLearnerView(gym.vector.VectorWrapper):
     """What the learner sees of an Atari game: each reward's sign, and a lost life as an episode's end.
 
     A lost life ends the learner's episode (no bootstrapping past it) but not the game: no reset
-    follows, so `info["game_over"]` keeps the env's own end for the rollout's reset bookkeeping.
+    follows, so `info["atari_game_over"]` keeps the env's own end for the rollout's reset bookkeeping.
     """
 
     def __init__(self, envs: gym.vector.VectorEnv, episodic_life: bool, clip_reward: bool):
@@ -290,7 +297,7 @@ class AtariLearnerView(gym.vector.VectorWrapper):
 
     def step(self, actions):
         obs, rewards, terminations, truncations, info = self.env.step(actions)
-        info["game_over"] = terminations | truncations
+        info["atari_game_over"] = terminations | truncations
         rewards, terminations, self.lives = learner_signal(rewards, terminations, info["lives"], self.lives,
                                                            self.episodic_life, self.clip_reward)
         return obs, rewards, terminations, truncations, info
@@ -300,7 +307,8 @@ def learner_signal(rewards: np.ndarray, terminations: np.ndarray, lives: np.ndar
                    episodic_life: bool, clip_reward: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(sign(r) if clip_reward, term or a life lost (lives < previous) if episodic_life, lives).
 
-    A new game's lives are never fewer than the last game's end, so a reset is not a lost life.
+    On a NEXT_STEP reset step the lives jump to the new game's; should they be fewer (a game cut
+    by the frame limit with bonus lives), the step is a reset step, masked, and learned from by no one.
     """
     if clip_reward:
         rewards = np.sign(rewards).astype(np.float32)
@@ -405,7 +413,7 @@ def use_bf16(precision: str, frames: bool, device: torch.device) -> bool:
     if precision == "bfloat16":
         return True
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(native)
 
@@ -501,10 +509,11 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
     `after_done[i]` says env i ended an episode on the step before (in NEXT_STEP mode the
     next step is then a reset step). Returns the (obs, after_done) to continue from. An env
     that ends the learner's episode without ending its own (Atari's lost life) says where its
-    own episodes end in `info["game_over"]`: only those are followed by a reset step.
+    own episodes end in `info["atari_game_over"]`: only those are followed by a reset step.
     `on_episode(returns, lengths)` is called with the stats of the episodes that end.
-    Only the actions are sampled here; log π_θold(a|s) and V(s) are computed afterwards for
-    the whole batch at once, since θ_old does not change during the rollout.
+    Only the actions are sampled here; for vectors log π_θold(a|s) and V(s) are computed afterwards
+    for the whole batch at once, since θ_old does not change during the rollout (for frames the
+    CNN's acting pass keeps them: `TorchPolicy`).
     """
     next_step_mode = envs.metadata["autoreset_mode"] == AutoresetMode.NEXT_STEP
     for t in range(rollout.obs.shape[0]):
@@ -526,7 +535,7 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
         if on_episode is not None and "_episode" in info:
             ended = info["_episode"]
             on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
-        after_done = info.get("game_over", terminated | truncated)
+        after_done = info.get("atari_game_over", terminated | truncated)
     return obs, after_done
 
 
@@ -838,7 +847,7 @@ def train(args: Args) -> None:
 
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
-    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, envs.single_observation_space.dtype)
+    rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, np.uint8 if frames else np.float32)
     global_step = 0
     status = StatusLine(num_iterations * batch_size)
 

@@ -202,9 +202,10 @@ class ScriptedAtari(gym.vector.VectorEnv):
     REWARDS = [0, 4, 0, 1, 0, -1, 7, 0, 2]
     LIVES = [3, 3, 2, 2, 1, 1, 0, 3, 3]
 
-    def __init__(self, game="scripted", num_envs=1, reward_clipping=False, **ale_options):
-        # Stands in for ale_py's AtariVectorEnv too: its own clipping, if asked for, would reach the log.
-        self.reward_clipping = reward_clipping
+    def __init__(self, game="scripted", num_envs=1, reward_clipping=False, episodic_life=False, **ale_options):
+        # Stands in for ale_py's AtariVectorEnv too: its own clipping or episodic life (which ends the
+        # game at a lost life), if asked for, would reach the log.
+        self.reward_clipping, self.episodic_life = reward_clipping, episodic_life
         self.num_envs = 1
         self.single_observation_space = gym.spaces.Box(0, 255, (1, 36, 36), np.uint8)
         self.single_action_space = gym.spaces.Discrete(2)
@@ -218,7 +219,7 @@ class ScriptedAtari(gym.vector.VectorEnv):
     def step(self, actions):
         reward, lives = self.REWARDS[self.t], self.LIVES[self.t]
         self.t += 1
-        over = self.t == 7
+        over = self.t == 7 or (self.episodic_life and self.t > 1 and lives < self.LIVES[self.t - 2])
         reward = np.sign(reward) if self.reward_clipping else reward
         return (np.full((1, 1, 36, 36), self.t, np.uint8), np.array([float(reward)]), np.array([over]),
                 np.array([False]), {"lives": np.array([lives])})
@@ -226,4 +227,21 @@ class ScriptedAtari(gym.vector.VectorEnv):
 
 gym.register("Bandit-v0", entry_point=Bandit)
 gym.register("ImageBandit-v0", entry_point=ImageBandit)
+
+
+class Float64Bandit(Bandit):
+    """The Bandit with float64 observations, as MuJoCo's are."""
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float64)
+
+    def reset(self, seed=None, options=None):
+        obs, info = super().reset(seed=seed)
+        return obs.astype(np.float64), info
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        return obs.astype(np.float64), *rest
+
+
+gym.register("Float64Bandit-v0", entry_point=Float64Bandit)
 gym.register("NextStepBandit-v0", entry_point=Bandit, vector_entry_point=NextStepBandit)
