@@ -693,6 +693,16 @@ def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optim
     }, path)
 
 
+def as_trained(args: Args) -> Args:
+    """`args` with the checkpoint's --atari-* flags: a model plays the game it was trained on (frame skip,
+    stack, sticky actions, ...). A file that is no checkpoint of ours is left to `load_checkpoint` to report."""
+    try:
+        trained = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)["args"]
+        return replace(args, **{k: v for k, v in trained.items() if k.startswith("atari_") and hasattr(args, k)})
+    except Exception:
+        return args
+
+
 def load_checkpoint(path: str, env_id: str, obs_shape: tuple, n_actions: int) -> dict:
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
@@ -922,6 +932,7 @@ def evaluate(args: Args) -> None:
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
+    args = as_trained(args)
     device = select_device(args)
     seed_everything(args, frames)
     # One env per episode, so short episodes are not over-represented in the mean.

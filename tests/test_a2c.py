@@ -722,3 +722,10 @@ def test_a_checkpoint_from_before_frames_evaluates(tmp_path, capsys):
                    "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
     assert "eval: 2 episodes" in out.stdout
+
+
+def test_evaluation_plays_the_game_as_the_model_was_trained(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"script": "a2c.py", "args": {"atari_frame_skip": 3, "atari_episodic_life": False, "seed": 9}}, path)
+    args = a2c.as_trained(a2c.Args(env_id="ALE/Pong-v5", eval_checkpoint=str(path)))
+    assert (args.atari_frame_skip, args.atari_episodic_life, args.seed) == (3, False, 1)  # only the Atari flags

@@ -817,3 +817,12 @@ def test_a_checkpoint_from_before_frames_evaluates(tmp_path, capsys):
                    "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
     assert "eval: 2 episodes" in out.stdout
+
+
+def test_evaluation_plays_the_game_as_the_model_was_trained(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"script": "ppo.py", "args": {"atari_frame_stack": 2, "atari_sticky_actions": 0.5, "seed": 9}}, path)
+    args = ppo.as_trained(ppo.Args(env_id="ALE/Pong-v5", eval_checkpoint=str(path)))
+    assert (args.atari_frame_stack, args.atari_sticky_actions, args.seed) == (2, 0.5, 1)  # only the Atari flags
+    assert ppo.as_trained(ppo.Args(eval_checkpoint=str(tmp_path / "missing.pt"))) == ppo.Args(
+        eval_checkpoint=str(tmp_path / "missing.pt"))
