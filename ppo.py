@@ -56,6 +56,8 @@ class Args:
     """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
     save_model: bool = False
     """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
+    checkpoint_every: float = 600.0
+    """with --save-model, also write the checkpoint every this many seconds (at an iteration's end)"""
 
     env_id: str = "CartPole-v1"
     """the id of the environment (a Discrete action space)"""
@@ -162,6 +164,8 @@ def check_args(args: Args) -> None:
             raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be 0 or more seconds, got {args.checkpoint_every}")
     if args.atari_noop_max < 0:
         raise UserError(f"--atari-noop-max must be 0 or more, got {args.atari_noop_max}")
     if args.atari_sticky_actions is not None and not 0.0 <= args.atari_sticky_actions <= 1.0:
@@ -680,17 +684,38 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
 
-def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optimizer, envs) -> None:
+def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optimizer, envs,
+                    rng: np.random.Generator) -> None:
     # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
-    torch.save({
+    write_atomically({
         "script": SCRIPT,
         "args": asdict(args),
         "global_step": global_step,
+        "iteration": global_step // (args.num_envs * args.num_steps),  # completed: where the LR schedule is
         "model": agent.state_dict(),
         "optimizer": optimizer.state_dict(),
         "obs_shape": list(envs.single_observation_space.shape),
         "n_actions": int(envs.single_action_space.n),
+        "rng": rng_states(rng),
     }, path)
+
+
+def write_atomically(checkpoint: dict, path: str) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`: a kill or a
+    crash mid-write leaves the previous checkpoint whole (a rename within a directory is atomic)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def rng_states(rng: np.random.Generator) -> dict:
+    """Every random state a run draws from, as plain tensors and Python scalars."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "random": random.getstate(), "acting": rng.bit_generator.state}
 
 
 def as_trained(args: Args) -> Args:
@@ -870,6 +895,7 @@ def train(args: Args) -> None:
     obs, _ = envs.reset(seed=args.seed)
     after_done = np.zeros(args.num_envs, bool)
     start_time = time.time()
+    next_checkpoint = start_time + args.checkpoint_every
     stop = StopRequest()
     exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
@@ -912,6 +938,9 @@ def train(args: Args) -> None:
                               explained_variance(batch.values[batch.valid], batch.returns[batch.valid]), global_step)
             writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
             status.update(global_step, envs.return_queue)
+            if args.save_model and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
+                save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng)
+                next_checkpoint = time.time() + args.checkpoint_every
         exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
     except NonFiniteGradient:
         exit_code = 1
@@ -920,7 +949,7 @@ def train(args: Args) -> None:
         status.update(global_step, envs.return_queue, force=True)
         status.close()
         if args.save_model:
-            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs)
+            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()

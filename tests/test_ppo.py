@@ -826,3 +826,38 @@ def test_evaluation_plays_the_game_as_the_model_was_trained(tmp_path):
     assert (args.atari_frame_stack, args.atari_sticky_actions, args.seed) == (2, 0.5, 1)  # only the Atari flags
     assert ppo.as_trained(ppo.Args(eval_checkpoint=str(tmp_path / "missing.pt"))) == ppo.Args(
         eval_checkpoint=str(tmp_path / "missing.pt"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic, atomic checkpoints
+# ---------------------------------------------------------------------------------------------
+
+def test_checkpoint_every_writes_at_iteration_ends(tmp_path, capsys, monkeypatch):
+    written = []
+    save = ppo.save_checkpoint
+    monkeypatch.setattr(ppo, "save_checkpoint", lambda path, args, step, *rest: (written.append(step),
+                                                                                 save(path, args, step, *rest)))
+    out = run_main(ppo, tmp_path, capsys, *SMALL, "--save-model", "--checkpoint-every", "0")
+    assert out.returncode == 0, out.stderr
+    assert written == [512, 1024, 1536, 2048, 2048]  # every iteration (0 s), then the end
+    written.clear()
+    out = run_main(ppo, tmp_path / "b", capsys, *SMALL, "--save-model")  # every 600 s: only the end
+    assert written == [2048]
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["iteration"] == 4 and set(ckpt["rng"]) == {"torch", "numpy", "random", "acting"}
+
+
+def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pt")
+    ppo.write_atomically({"script": "ppo.py", "global_step": 1}, path)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        ppo.write_atomically({"script": "ppo.py", "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
