@@ -58,6 +58,9 @@ class Args:
     """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
     checkpoint_every: float = 600.0
     """with --save-model, also write the checkpoint every this many seconds (at an iteration's end)"""
+    resume: Optional[str] = None
+    """continue this run (its directory or its model.pt) where its checkpoint left it, with its flags;
+    given again, only --total-timesteps, --checkpoint-every, --save-model and --cuda may differ"""
 
     env_id: str = "CartPole-v1"
     """the id of the environment (a Discrete action space)"""
@@ -728,7 +731,8 @@ def as_trained(args: Args) -> Args:
         return args
 
 
-def load_checkpoint(path: str, env_id: str, obs_shape: tuple, n_actions: int) -> dict:
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, complete, or a UserError saying what it is instead."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -743,11 +747,45 @@ def load_checkpoint(path: str, env_id: str, obs_shape: tuple, n_actions: int) ->
     missing = [key for key in ['args', 'model', 'obs_shape', 'n_actions'] if key not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint(path: str, env_id: str, obs_shape: tuple, n_actions: int) -> dict:
+    """A checkpoint of this script whose spaces are `env_id`'s."""
+    ckpt = read_checkpoint(path)
     if (tuple(ckpt["obs_shape"]), ckpt["n_actions"]) != (tuple(obs_shape), n_actions):
         raise UserError(f"{path} was trained on {ckpt['args']['env_id']} (obs {tuple(ckpt['obs_shape'])}, "
                         f"{ckpt['n_actions']} actions), but {env_id} has obs {tuple(obs_shape)}, {n_actions} "
                         f"actions: pass --env-id {ckpt['args']['env_id']}")
     return ckpt
+
+
+def restore_rng_states(states: dict, rng: np.random.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["random"])
+    rng.bit_generator.state = states["acting"]
+
+
+# Flags a resumed run may be given anew; any other would make it a different run than the one saved.
+RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resume"}
+
+
+def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
+    """The run's flags from its checkpoint, with the ones given again on the command line; and the checkpoint."""
+    path = os.path.join(resume, "model.pt") if os.path.isdir(resume) else resume
+    ckpt = read_checkpoint(path)
+    if "rng" not in ckpt:
+        raise UserError(f"{path} was written before --resume existed: it can be evaluated, not resumed")
+    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    args = tyro.cli(Args, args=argv, default=saved, description=__doc__.split("\n\n")[0])
+    for name, value in asdict(args).items():
+        if name not in RESUMABLE and value != getattr(saved, name):
+            raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
+                            f"{getattr(saved, name)!r}, given {value!r}")
+    ckpt["run_dir"] = os.path.dirname(os.path.abspath(path))
+    return replace(args, save_model=True), ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -776,8 +814,8 @@ def seed_everything(args: Args, frames: bool) -> None:
 class StatusLine:
     """Progress every few seconds on one line (a new line each time when not a terminal)."""
 
-    def __init__(self, total: int, every: float = 3.0):
-        self.total, self.every = total, every
+    def __init__(self, total: int, first_step: int = 0, every: float = 3.0):
+        self.total, self.first_step, self.every = total, first_step, every
         self.start = self.last = time.time()
         self.tty = sys.stdout.isatty()
 
@@ -786,7 +824,7 @@ class StatusLine:
         if not force and now - self.last < self.every:
             return
         self.last = now
-        sps = step / max(now - self.start, 1e-9)
+        sps = (step - self.first_step) / max(now - self.start, 1e-9)
         mean = f"{np.mean(recent_returns):9.2f}" if len(recent_returns) else "      n/a"
         left = (self.total - step) / max(sps, 1e-9)
         line = (f"step {step:>{len(str(self.total))}}/{self.total}  SPS {sps:7.0f}  "
@@ -859,12 +897,13 @@ def report_end(exit_code: int, global_step: int) -> None:
         sys.exit(exit_code)
 
 
-def train(args: Args) -> None:
+def train(args: Args, resume: Optional[dict] = None) -> None:
+    """Train from scratch, or from the checkpoint `resume` on (see `resumed_args`)."""
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
     run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
-    run_dir = make_run_dir(run_name, args.capture_video)
+    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video)
     device = select_device(args)
     seed_everything(args, frames)
 
@@ -875,23 +914,30 @@ def train(args: Args) -> None:
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))
 
+    rng = np.random.default_rng(args.seed)
+    global_step = 0
+    if resume:  # where the checkpoint left off; the envs start new episodes
+        agent.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        restore_rng_states(resume["rng"], rng)
+        global_step = resume["global_step"]
+
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
-    writer = SummaryWriter(run_dir)
+    # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, np.uint8 if frames else np.float32)
-    global_step = 0
-    status = StatusLine(num_iterations * batch_size)
+    status = StatusLine(num_iterations * batch_size, global_step)
 
-    def on_episode(returns, lengths):
+    def on_episode(returns, lengths):  # at the step count the rollout ends on, as its losses are
         for r, l in zip(returns, lengths):
-            writer.add_scalar("charts/episodic_return", r, global_step)
-            writer.add_scalar("charts/episodic_length", l, global_step)
+            writer.add_scalar("charts/episodic_return", r, global_step + batch_size)
+            writer.add_scalar("charts/episodic_length", l, global_step + batch_size)
 
-    rng = np.random.default_rng(args.seed)
     obs, _ = envs.reset(seed=args.seed)
     after_done = np.zeros(args.num_envs, bool)
     start_time = time.time()
@@ -899,7 +945,7 @@ def train(args: Args) -> None:
     stop = StopRequest()
     exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
-        for iteration in range(1, num_iterations + 1):
+        for iteration in range(global_step // batch_size + 1, num_iterations + 1):
             if stop.requested:  # Ctrl-C or SIGTERM: stop here, between two iterations
                 break
             if args.anneal_lr:
@@ -936,9 +982,11 @@ def train(args: Args) -> None:
                 writer.add_scalar(f"losses/{name}", value, global_step)
             writer.add_scalar("losses/explained_variance",
                               explained_variance(batch.values[batch.valid], batch.returns[batch.valid]), global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            writer.add_scalar("charts/SPS", int((global_step - status.first_step) / (time.time() - start_time)),
+                              global_step)
             status.update(global_step, envs.return_queue)
             if args.save_model and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
+                writer.flush()  # the logs up to the checkpoint reach the disk with it
                 save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng)
                 next_checkpoint = time.time() + args.checkpoint_every
         exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
@@ -998,7 +1046,10 @@ def evaluate(args: Args) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     try:
-        evaluate(args) if args.eval_checkpoint else train(args)
+        if args.resume:
+            train(*resumed_args(argv, args.resume))
+        else:
+            evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         sys.exit(2)

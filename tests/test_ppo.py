@@ -5,7 +5,9 @@ import copy
 import math
 import os
 import signal
+import subprocess
 import sys
+import time
 import warnings
 
 import gymnasium as gym
@@ -15,7 +17,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import (Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_line_error, read_tags, run_main,
+from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_line_error, read_tags, run_main,
                       run_script)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
@@ -861,3 +863,86 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
         ppo.write_atomically({"script": "ppo.py", "global_step": 2}, path)
     monkeypatch.undo()
     assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+    # Killed with SIGKILL (no chance to save) after its first periodic checkpoint, then resumed:
+    # it ends at --total-timesteps, and TensorBoard has each iteration's step once, in order.
+    argv = ["--num-envs", "4", "--num-steps", "128", "--total-timesteps", "20480", "--save-model",
+            "--checkpoint-every", "0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/model.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    (checkpoint,) = tmp_path.glob("runs/*/model.pt")
+    killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < killed_at < 20480
+
+    out = run_script("ppo.py", tmp_path, "--resume", str(checkpoint.parent))
+    assert out.returncode == 0, out.stderr
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 20480
+    steps = read_steps(checkpoint.parent, "losses/policy_loss")
+    assert steps == list(range(512, 20481, 512))  # each iteration once, in order
+    episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")
+    assert episode_steps == sorted(episode_steps)
+
+
+def read_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.step for e in ea.Scalars(tag)]
+
+
+def test_a_resumed_run_starts_from_the_checkpoint_exactly(tmp_path, capsys):
+    # Resumed with nothing left to train, it saves what it restored: the weights, the optimizer's
+    # moments and the step count come back bit for bit.
+    out = run_main(ppo, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    before = torch.load(run / "model.pt", weights_only=True)
+    out = run_main(ppo, tmp_path, capsys, "--resume", str(run / "model.pt"))
+    assert out.returncode == 0, out.stderr
+    after = torch.load(run / "model.pt", weights_only=True)
+    assert after["global_step"] == before["global_step"] == 2048
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name])
+    for i, state in before["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], after["optimizer"]["state"][i][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert after["rng"]["acting"] == before["rng"]["acting"] and torch.equal(after["rng"]["torch"], before["rng"]["torch"])
+
+
+def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
+    out = run_main(ppo, tmp_path, capsys, *SMALL, "--save-model")
+    (run,) = (tmp_path / "runs").iterdir()
+    one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--num-envs", "8"), "ppo.py",
+                   "--num-envs cannot change when resuming", "4", "8")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "ppo.py",
+                   "no checkpoint at")
+    out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "3072")  # train longer: allowed
+    assert out.returncode == 0, out.stderr
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 3072
+
+
+def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, capsys, monkeypatch):
+    # A run logs 4 iterations, but its last checkpoint is from iteration 2 (as when it dies before the
+    # next): resumed, iterations 3 and 4 are trained and logged again, and each step appears once.
+    kept = []
+    save = ppo.save_checkpoint
+    def keep_iteration_2(path, args, step, *rest):
+        save(path, args, step, *rest)
+        if step == 1024:
+            kept.append(open(path, "rb").read())
+    monkeypatch.setattr(ppo, "save_checkpoint", keep_iteration_2)
+    out = run_main(ppo, tmp_path, capsys, *SMALL, "--save-model", "--checkpoint-every", "0")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    (run / "model.pt").write_bytes(kept[0])
+    out = run_main(ppo, tmp_path, capsys, "--resume", str(run))
+    assert out.returncode == 0, out.stderr
+    assert read_steps(run, "losses/policy_loss") == [512, 1024, 1536, 2048]
+    episodes = read_steps(run, "charts/episodic_return")
+    assert episodes == sorted(episodes) and episodes[-1] == 2048
