@@ -922,6 +922,11 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
                    "--num-envs cannot change when resuming", "4", "8")
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "ppo.py",
                    "no checkpoint at")
+    old = torch.load(run / "model.pt", weights_only=True)
+    del old["rng"]  # as written before --resume existed
+    torch.save(old, tmp_path / "old.pt")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(tmp_path / "old.pt")), "ppo.py",
+                   "written before --resume existed")
     out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "3072")  # train longer: allowed
     assert out.returncode == 0, out.stderr
     assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 3072
