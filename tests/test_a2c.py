@@ -3,7 +3,9 @@ signs of the combined loss, the rollout's episode boundaries, and the script end
 
 import os
 import signal
+import subprocess
 import sys
+import time
 import warnings
 
 import gymnasium as gym
@@ -13,7 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
+from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
                       run_script)
 
 
@@ -729,3 +731,108 @@ def test_evaluation_plays_the_game_as_the_model_was_trained(tmp_path):
     torch.save({"script": "a2c.py", "args": {"atari_frame_skip": 3, "atari_episodic_life": False, "seed": 9}}, path)
     args = a2c.as_trained(a2c.Args(env_id="ALE/Pong-v5", eval_checkpoint=str(path)))
     assert (args.atari_frame_skip, args.atari_episodic_life, args.seed) == (3, False, 1)  # only the Atari flags
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic, atomic checkpoints and --resume
+# ---------------------------------------------------------------------------------------------
+
+def read_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.step for e in ea.Scalars(tag)]
+
+
+def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pt")
+    a2c.write_atomically({"script": "a2c.py", "global_step": 1}, path)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        a2c.write_atomically({"script": "a2c.py", "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+    # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at
+    # --total-timesteps, and TensorBoard has each logged step once, in order.
+    argv = ["--num-envs", "4", "--total-timesteps", "40960", "--save-model", "--checkpoint-every", "0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "a2c.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/model.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    (checkpoint,) = tmp_path.glob("runs/*/model.pt")
+    killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < killed_at < 40960
+
+    out = run_script("a2c.py", tmp_path, "--resume", str(checkpoint.parent))
+    assert out.returncode == 0, out.stderr
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 40960
+    steps = read_steps(checkpoint.parent, "losses/policy_loss")  # every 100th update (of 64 steps) and the last
+    assert steps == sorted(set(steps)) and steps[-1] == 40960
+    episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")
+    assert episode_steps == sorted(episode_steps)
+
+
+def test_a_resumed_run_starts_from_the_checkpoint_exactly(tmp_path, capsys):
+    # Resumed with nothing left to train, it saves what it restored: weights, the optimizer's state,
+    # the normalisation statistics and the step count come back bit for bit.
+    out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    before = torch.load(run / "model.pt", weights_only=True)
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(run / "model.pt"))
+    assert out.returncode == 0, out.stderr
+    after = torch.load(run / "model.pt", weights_only=True)
+    assert after["global_step"] == before["global_step"] == 4096
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name])
+    for i, state in before["optimizer"]["state"].items():
+        assert torch.equal(state["square_avg"], after["optimizer"]["state"][i]["square_avg"])
+    assert torch.equal(before["return_rms"]["var"], after["return_rms"]["var"])
+    # The restored observation statistics took in the 4 new episodes' first observations, nothing else.
+    assert after["obs_rms"]["count"] == before["obs_rms"]["count"] + 4
+    np.testing.assert_allclose(after["obs_rms"]["mean"], before["obs_rms"]["mean"], atol=1e-2)
+    assert after["rng"]["acting"] == before["rng"]["acting"]
+
+
+def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
+    out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model")
+    (run,) = (tmp_path / "runs").iterdir()
+    one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(run), "--gamma", "0.9"), "a2c.py",
+                   "--gamma cannot change when resuming", "0.999", "0.9")
+    one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "a2c.py",
+                   "no checkpoint at")
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "8192")  # train longer: allowed
+    assert out.returncode == 0, out.stderr
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 8192
+
+
+def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, capsys, monkeypatch):
+    # A run trains to the end, but its last checkpoint is from step 1024 (as when it dies before the
+    # next): resumed, the rest is trained and logged again, and the final step appears once.
+    kept = []
+    save = a2c.save_checkpoint
+    def keep_step_1024(path, args, step, *rest):
+        save(path, args, step, *rest)
+        if step == 1024:
+            kept.append(open(path, "rb").read())
+    monkeypatch.setattr(a2c, "save_checkpoint", keep_step_1024)
+    out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model", "--checkpoint-every", "0")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    (run / "model.pt").write_bytes(kept[0])
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(run))
+    assert out.returncode == 0, out.stderr
+    assert read_steps(run, "losses/policy_loss") == [4096]  # the last update's, once
+    episodes = read_steps(run, "charts/episodic_return")
+    assert episodes == sorted(episodes) and episodes[-1] == 4096
