@@ -23,7 +23,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import gymnasium as gym
@@ -50,6 +50,11 @@ class Args:
     """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
     save_model: bool = False
     """if toggled, save the model and normalisation statistics to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
+    checkpoint_every: float = 600.0
+    """with --save-model, also write the checkpoint every this many seconds (at an iteration's end)"""
+    resume: Optional[str] = None
+    """continue this run (its directory or its model.pt) where its checkpoint left it, with its flags;
+    given again, only --total-timesteps, --checkpoint-every, --save-model and --cuda may differ"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (a Box action space)"""
@@ -132,6 +137,8 @@ def check_args(args: Args) -> None:
                         f"does not divide into --num-minibatches {args.num_minibatches}")
     if args.total_timesteps < batch_size:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size})")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be 0 or more seconds, got {args.checkpoint_every}")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
@@ -542,14 +549,43 @@ def space_signature(envs) -> dict:
 
 
 def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optimizer, envs,
-                    obs_rms: Optional[RunningMeanStd], return_rms: Optional[RunningMeanStd]) -> None:
+                    obs_rms: Optional[RunningMeanStd], return_rms: Optional[RunningMeanStd],
+                    rng: np.random.Generator) -> None:
     # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
-    torch.save({"script": SCRIPT, "args": asdict(args), "global_step": global_step, "model": agent.state_dict(),
-                "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
-                "obs_rms": obs_rms and obs_rms.state(), "return_rms": return_rms and return_rms.state()}, path)
+    write_atomically({"script": SCRIPT, "args": asdict(args), "global_step": global_step,
+                      "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
+                      "obs_rms": obs_rms and obs_rms.state(), "return_rms": return_rms and return_rms.state(),
+                      "rng": rng_states(rng)}, path)
 
 
-def load_checkpoint(path: str, env_id: str, envs) -> dict:
+def write_atomically(checkpoint: dict, path: str) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`: a kill or a
+    crash mid-write leaves the previous checkpoint whole (a rename within a directory is atomic)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def rng_states(rng: np.random.Generator) -> dict:
+    """Every random state a run draws from, as plain tensors and Python scalars."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "random": random.getstate(), "acting": rng.bit_generator.state}
+
+
+def restore_rng_states(states: dict, rng: np.random.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["random"])
+    rng.bit_generator.state = states["acting"]
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, complete, or a UserError saying what it is instead."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -562,12 +598,38 @@ def load_checkpoint(path: str, env_id: str, envs) -> dict:
     missing = [key for key in ['args', 'model', 'spaces', 'obs_rms'] if key not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint(path: str, env_id: str, envs) -> dict:
+    """A checkpoint of this script whose spaces are `env_id`'s."""
+    ckpt = read_checkpoint(path)
     if ckpt["spaces"] != space_signature(envs):
         raise UserError(f"{path} was trained on {ckpt['args']['env_id']}, whose spaces differ from {env_id}'s: "
                         f"pass --env-id {ckpt['args']['env_id']}")
     if ckpt["args"].get("norm_obs", True) and ckpt["obs_rms"] is None:
         raise UserError(f"{path} was trained on normalised observations but holds no statistics for them")
     return ckpt
+
+
+# Flags a resumed run may be given anew; any other would make it a different run than the one saved.
+RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resume"}
+
+
+def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
+    """The run's flags from its checkpoint, with the ones given again on the command line; and the checkpoint."""
+    path = os.path.join(resume, "model.pt") if os.path.isdir(resume) else resume
+    ckpt = read_checkpoint(path)
+    if "rng" not in ckpt:
+        raise UserError(f"{path} was written before --resume existed: it can be evaluated, not resumed")
+    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    args = tyro.cli(Args, args=argv, default=saved, description=__doc__.split("\n\n")[0])
+    for name, value in asdict(args).items():
+        if name not in RESUMABLE and value != getattr(saved, name):
+            raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
+                            f"{getattr(saved, name)!r}, given {value!r}")
+    ckpt["run_dir"] = os.path.dirname(os.path.abspath(path))
+    return replace(args, save_model=True), ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -592,8 +654,8 @@ def seed_everything(args: Args) -> None:
 class StatusLine:
     """Progress every few seconds on one line (a new line each time when not a terminal)."""
 
-    def __init__(self, total: int, every: float = 3.0):
-        self.total, self.every = total, every
+    def __init__(self, total: int, first_step: int = 0, every: float = 3.0):
+        self.total, self.first_step, self.every = total, first_step, every
         self.start = self.last = time.time()
         self.tty = sys.stdout.isatty()
 
@@ -602,7 +664,7 @@ class StatusLine:
         if not force and now - self.last < self.every:
             return
         self.last = now
-        sps = step / max(now - self.start, 1e-9)
+        sps = (step - self.first_step) / max(now - self.start, 1e-9)
         mean = f"{np.mean(recent_returns):9.2f}" if len(recent_returns) else "      n/a"
         left = (self.total - step) / max(sps, 1e-9)
         line = (f"step {step:>{len(str(self.total))}}/{self.total}  SPS {sps:7.0f}  "
@@ -675,10 +737,11 @@ def report_end(exit_code: int, global_step: int) -> None:
         sys.exit(exit_code)
 
 
-def train(args: Args) -> None:
+def train(args: Args, resume: Optional[dict] = None) -> None:
+    """Train from scratch, or from the checkpoint `resume` on (see `resumed_args`)."""
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = make_run_dir(run_name, args.capture_video)
+    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video)
     device = select_device(args)
     seed_everything(args)
 
@@ -689,31 +752,41 @@ def train(args: Args) -> None:
                                  fused=device.type in ("cpu", "cuda"))
     obs_rms = RunningMeanStd((obs_dim,)) if args.norm_obs else None
     return_rms = RunningMeanStd() if args.norm_reward else None
+    rng = np.random.default_rng(args.seed)
+    global_step = 0
+    if resume:  # where the checkpoint left off; the envs start new episodes, so the return being
+        # scaled (`discounted_return`) starts at 0 again, as at any episode's start
+        agent.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        obs_rms = resume["obs_rms"] and RunningMeanStd.from_state(resume["obs_rms"])
+        return_rms = resume["return_rms"] and RunningMeanStd.from_state(resume["return_rms"])
+        restore_rng_states(resume["rng"], rng)
+        global_step = resume["global_step"]
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
-    writer = SummaryWriter(run_dir)
+    # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
     batch_size = args.num_envs * args.num_steps
     num_iterations = args.total_timesteps // batch_size
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_dim, action_dim)
-    global_step = 0
-    status = StatusLine(num_iterations * batch_size)
+    status = StatusLine(num_iterations * batch_size, global_step)
 
-    def on_episode(returns, lengths):
+    def on_episode(returns, lengths):  # at the step count the rollout ends on, as its losses are
         for r, l in zip(returns, lengths):
-            writer.add_scalar("charts/episodic_return", r, global_step)
-            writer.add_scalar("charts/episodic_length", l, global_step)
+            writer.add_scalar("charts/episodic_return", r, global_step + batch_size)
+            writer.add_scalar("charts/episodic_length", l, global_step + batch_size)
 
-    rng = np.random.default_rng(args.seed)
     obs, _ = envs.reset(seed=args.seed)
     discounted_return = np.zeros(args.num_envs, np.float32)
     start_time = time.time()
+    next_checkpoint = start_time + args.checkpoint_every
     stop = StopRequest()
     exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
-        for iteration in range(1, num_iterations + 1):
+        for iteration in range(global_step // batch_size + 1, num_iterations + 1):
             if stop.requested:  # Ctrl-C or SIGTERM: stop here, between two iterations
                 break
             if args.anneal_lr:
@@ -757,8 +830,14 @@ def train(args: Args) -> None:
             for name, value in stats.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
             writer.add_scalar("losses/explained_variance", explained_variance(batch.values, batch.returns), global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            writer.add_scalar("charts/SPS", int((global_step - status.first_step) / (time.time() - start_time)),
+                              global_step)
             status.update(global_step, envs.return_queue)
+            if args.save_model and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
+                writer.flush()  # the logs up to the checkpoint reach the disk with it
+                save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_rms,
+                                return_rms, rng)
+                next_checkpoint = time.time() + args.checkpoint_every
         exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
     except NonFiniteGradient:
         exit_code = 1
@@ -767,7 +846,8 @@ def train(args: Args) -> None:
         status.update(global_step, envs.return_queue, force=True)
         status.close()
         if args.save_model:
-            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_rms, return_rms)
+            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_rms, return_rms,
+                            rng)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
@@ -819,7 +899,10 @@ def evaluate(args: Args) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     try:
-        evaluate(args) if args.eval_checkpoint else train(args)
+        if args.resume:
+            train(*resumed_args(argv, args.resume))
+        else:
+            evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -7,6 +7,9 @@ import copy
 import math
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import gymnasium as gym
 import numpy as np
@@ -15,7 +18,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import interrupt_script, make_runs_unwritable, one_line_error, one_hot, read_tags, run_main, run_script
+from conftest import ROOT, interrupt_script, make_runs_unwritable, one_line_error, one_hot, read_tags, run_main, run_script
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -744,3 +747,81 @@ def test_a_crash_saves_what_was_learned(tmp_path, capsys, monkeypatch):
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["global_step"] == 512 and ckpt["obs_rms"]["count"] == pytest.approx(512, abs=1)
     assert "(crashed)" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic, atomic checkpoints and --resume
+# ---------------------------------------------------------------------------------------------
+
+def read_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.step for e in ea.Scalars(tag)]
+
+
+def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pt")
+    pc.write_atomically({"script": "ppo_continuous.py", "global_step": 1}, path)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        pc.write_atomically({"script": "ppo_continuous.py", "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+    # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at
+    # --total-timesteps, and TensorBoard has each iteration's step once, in order.
+    argv = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "256", "--num-minibatches", "4",
+            "--update-epochs", "2", "--total-timesteps", "20480", "--save-model", "--checkpoint-every", "0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "ppo_continuous.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/model.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    (checkpoint,) = tmp_path.glob("runs/*/model.pt")
+    killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < killed_at < 20480
+
+    out = run_script("ppo_continuous.py", tmp_path, "--resume", str(checkpoint.parent))
+    assert out.returncode == 0, out.stderr
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 20480
+    assert read_steps(checkpoint.parent, "losses/policy_loss") == list(range(512, 20481, 512))
+
+
+def test_a_resumed_run_starts_from_the_checkpoint_exactly(tmp_path, capsys):
+    # Resumed with nothing left to train, it saves what it restored: weights, the optimizer's moments,
+    # the observation and return statistics and the step count come back bit for bit.
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    before = torch.load(run / "model.pt", weights_only=True)
+    out = run_main(pc, tmp_path, capsys, "--resume", str(run / "model.pt"))
+    assert out.returncode == 0, out.stderr
+    after = torch.load(run / "model.pt", weights_only=True)
+    assert after["global_step"] == before["global_step"] == 1024
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name])
+    for i, state in before["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], after["optimizer"]["state"][i][k]) for k in ("exp_avg", "exp_avg_sq"))
+    for stats in ("obs_rms", "return_rms"):
+        assert torch.equal(before[stats]["var"], after[stats]["var"]) and before[stats]["count"] == after[stats]["count"]
+    assert after["rng"]["acting"] == before["rng"]["acting"]
+
+
+def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--save-model")
+    (run,) = (tmp_path / "runs").iterdir()
+    one_line_error(run_main(pc, tmp_path, capsys, "--resume", str(run), "--env-id", "Hopper-v5"),
+                   "ppo_continuous.py", "--env-id cannot change when resuming", "Pendulum-v1", "Hopper-v5")
+    out = run_main(pc, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "2048")  # train longer: allowed
+    assert out.returncode == 0, out.stderr
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 2048
