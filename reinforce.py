@@ -24,7 +24,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Optional
 
 import gymnasium as gym
@@ -51,6 +51,11 @@ class Args:
     """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
     save_model: bool = False
     """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
+    checkpoint_every: float = 600.0
+    """with --save-model, also write the checkpoint every this many seconds (at an update's end)"""
+    resume: Optional[str] = None
+    """continue this run (its directory or its model.pt) where its checkpoint left it, with its flags;
+    given again, only --total-timesteps, --checkpoint-every, --save-model and --cuda may differ"""
 
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete or Box actions)"""
@@ -98,6 +103,8 @@ def check_args(args: Args) -> None:
     if args.total_timesteps < args.episodes_per_update:  # each episode takes at least one step
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch "
                         f"(--episodes-per-update {args.episodes_per_update} episodes take at least as many steps)")
+    if args.checkpoint_every < 0:
+        raise UserError(f"--checkpoint-every must be 0 or more seconds, got {args.checkpoint_every}")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if not 0.0 < args.gamma <= 1.0:
@@ -353,15 +360,43 @@ def space_signature(envs) -> dict:
             "action_dim": int(action_space.n) if isinstance(action_space, gym.spaces.Discrete) else action_space.shape[0]}
 
 
-def save_checkpoint(path: str, args: Args, global_step: int, policy: Policy, optimizer, envs) -> None:
+def save_checkpoint(path: str, args: Args, global_step: int, policy: Policy, optimizer, envs,
+                    rng: np.random.Generator) -> None:
     # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
-    torch.save({"script": SCRIPT, "args": asdict(args), "global_step": global_step, "model": policy.state_dict(),
-                "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
-                # Kept for the contract all four scripts share: this script normalises nothing.
-                "obs_rms": None}, path)
+    write_atomically({"script": SCRIPT, "args": asdict(args), "global_step": global_step, "model": policy.state_dict(),
+                      "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
+                      # Kept for the contract all four scripts share: this script normalises nothing.
+                      "obs_rms": None, "rng": rng_states(rng)}, path)
 
 
-def load_checkpoint(path: str, env_id: str, envs) -> dict:
+def write_atomically(checkpoint: dict, path: str) -> None:
+    """Write to a temporary file beside `path`, flush it to disk, then rename it over `path`: a kill or a
+    crash mid-write leaves the previous checkpoint whole (a rename within a directory is atomic)."""
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        torch.save(checkpoint, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+def rng_states(rng: np.random.Generator) -> dict:
+    """Every random state a run draws from, as plain tensors and Python scalars."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "random": random.getstate(), "acting": rng.bit_generator.state}
+
+
+def restore_rng_states(states: dict, rng: np.random.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["random"])
+    rng.bit_generator.state = states["acting"]
+
+
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint of this script, complete, or a UserError saying what it is instead."""
     if not os.path.isfile(path):
         raise UserError(f"no checkpoint at {path}")
     try:
@@ -374,10 +409,36 @@ def load_checkpoint(path: str, env_id: str, envs) -> dict:
     missing = [key for key in ['args', 'model', 'spaces'] if key not in ckpt]
     if missing:
         raise UserError(f"{path} is an incomplete {SCRIPT} checkpoint (no {', '.join(missing)})")
+    return ckpt
+
+
+def load_checkpoint(path: str, env_id: str, envs) -> dict:
+    """A checkpoint of this script whose spaces are `env_id`'s."""
+    ckpt = read_checkpoint(path)
     if ckpt["spaces"] != space_signature(envs):
         raise UserError(f"{path} was trained on {ckpt['args']['env_id']}, whose spaces differ from {env_id}'s: "
                         f"pass --env-id {ckpt['args']['env_id']}")
     return ckpt
+
+
+# Flags a resumed run may be given anew; any other would make it a different run than the one saved.
+RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resume"}
+
+
+def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
+    """The run's flags from its checkpoint, with the ones given again on the command line; and the checkpoint."""
+    path = os.path.join(resume, "model.pt") if os.path.isdir(resume) else resume
+    ckpt = read_checkpoint(path)
+    if "rng" not in ckpt:
+        raise UserError(f"{path} was written before --resume existed: it can be evaluated, not resumed")
+    saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
+    args = tyro.cli(Args, args=argv, default=saved, description=__doc__.split("\n\n")[0])
+    for name, value in asdict(args).items():
+        if name not in RESUMABLE and value != getattr(saved, name):
+            raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
+                            f"{getattr(saved, name)!r}, given {value!r}")
+    ckpt["run_dir"] = os.path.dirname(os.path.abspath(path))
+    return replace(args, save_model=True), ckpt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -402,8 +463,8 @@ def seed_everything(args: Args) -> None:
 class StatusLine:
     """Progress every few seconds on one line (a new line each time when not a terminal)."""
 
-    def __init__(self, total: int, every: float = 3.0):
-        self.total, self.every = total, every
+    def __init__(self, total: int, first_step: int = 0, every: float = 3.0):
+        self.total, self.first_step, self.every = total, first_step, every
         self.start = self.last = time.time()
         self.tty = sys.stdout.isatty()
 
@@ -412,7 +473,7 @@ class StatusLine:
         if not force and now - self.last < self.every:
             return
         self.last = now
-        sps = step / max(now - self.start, 1e-9)
+        sps = (step - self.first_step) / max(now - self.start, 1e-9)
         mean = f"{np.mean(recent_returns):9.2f}" if len(recent_returns) else "      n/a"
         left = max(self.total - step, 0) / max(sps, 1e-9)
         line = (f"step {step:>{len(str(self.total))}}/{self.total}  SPS {sps:7.0f}  "
@@ -485,34 +546,41 @@ def report_end(exit_code: int, global_step: int) -> None:
         sys.exit(exit_code)
 
 
-def train(args: Args) -> None:
+def train(args: Args, resume: Optional[dict] = None) -> None:
+    """Train from scratch, or from the checkpoint `resume` on (see `resumed_args`)."""
     check_args(args)
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = make_run_dir(run_name, args.capture_video)
+    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video)
     device = select_device(args)
     seed_everything(args)
 
     envs = make_envs(args.env_id, args.num_envs, args.seed, args.capture_video, run_name)
     policy = Policy(envs.single_observation_space.shape[0], envs.single_action_space).to(device)
     optimizer = torch.optim.Adam(policy.parameters(), lr=args.learning_rate, fused=device.type in ("cpu", "cuda"))
+    rng = np.random.default_rng(args.seed)
+    global_step = 0
+    if resume:  # where the checkpoint left off (a batch's end: every batch starts new episodes anyway)
+        policy.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        restore_rng_states(resume["rng"], rng)
+        global_step = resume["global_step"]
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
-    writer = SummaryWriter(run_dir)
+    # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    rng = np.random.default_rng(args.seed)
-    global_step = 0
-    status = StatusLine(args.total_timesteps)
+    status = StatusLine(args.total_timesteps, global_step)
     recent_returns = collections.deque(maxlen=100)  # the batches' episodes, for the status line
+    batch_episodes = []  # logged at the step count the batch ends on, as its losses are
 
     def on_episode(returns, lengths):
         recent_returns.extend(returns)
-        for r, l in zip(returns, lengths):
-            writer.add_scalar("charts/episodic_return", r, global_step)
-            writer.add_scalar("charts/episodic_length", l, global_step)
+        batch_episodes.extend(zip(returns, lengths))
 
     start_time = time.time()
+    next_checkpoint = start_time + args.checkpoint_every
     first_batch = True
     stop = StopRequest()
     exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
@@ -529,6 +597,10 @@ def train(args: Args) -> None:
             global_step += batch.mask.size
             if not batch.complete:  # --total-timesteps ran out before the batch's episodes ended
                 break
+            for r, l in batch_episodes:
+                writer.add_scalar("charts/episodic_return", r, global_step)
+                writer.add_scalar("charts/episodic_length", l, global_step)
+            batch_episodes.clear()
 
             # 2. Rewards-to-go G_t, normalised over the batch's steps.
             returns = discounted_returns(batch.rewards, batch.dones, args.gamma)[batch.mask]
@@ -550,8 +622,13 @@ def train(args: Args) -> None:
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             writer.add_scalar("losses/policy_loss", loss.item(), global_step)
             writer.add_scalar("losses/entropy", entropy.mean().item(), global_step)
-            writer.add_scalar("charts/SPS", int(global_step / (time.time() - start_time)), global_step)
+            writer.add_scalar("charts/SPS", int((global_step - status.first_step) / (time.time() - start_time)),
+                              global_step)
             status.update(global_step, recent_returns)
+            if args.save_model and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
+                writer.flush()  # the logs up to the checkpoint reach the disk with it
+                save_checkpoint(f"{run_dir}/model.pt", args, global_step, policy, optimizer, envs, rng)
+                next_checkpoint = time.time() + args.checkpoint_every
         exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
     except NonFiniteLoss:
         exit_code = 1
@@ -560,7 +637,7 @@ def train(args: Args) -> None:
         status.update(global_step, recent_returns, force=True)
         status.close()
         if args.save_model:
-            save_checkpoint(f"{run_dir}/model.pt", args, global_step, policy, optimizer, envs)
+            save_checkpoint(f"{run_dir}/model.pt", args, global_step, policy, optimizer, envs, rng)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
@@ -607,7 +684,10 @@ def evaluate(args: Args) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     try:
-        evaluate(args) if args.eval_checkpoint else train(args)
+        if args.resume:
+            train(*resumed_args(argv, args.resume))
+        else:
+            evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:
         print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         sys.exit(2)

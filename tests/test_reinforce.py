@@ -4,7 +4,9 @@ numbers worked out by hand; the episode batching in both autoreset modes; the sc
 import math
 import os
 import signal
+import subprocess
 import sys
+import time
 import warnings
 
 import gymnasium as gym
@@ -14,7 +16,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import reinforce
-from conftest import (Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags,
+from conftest import (ROOT, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags,
                       run_main, run_script)
 
 
@@ -554,3 +556,100 @@ def test_normalized_returns_make_the_update_blind_to_a_reward_shift(tmp_path, ca
         weights.append(torch.cat([v.flatten() for v in model.values()]))
     gap = (weights[0] - weights[1]).abs().max().item()
     assert gap < 1e-5 if normalize else gap > 1e-2, gap
+
+
+# ---------------------------------------------------------------------------------------------
+# Periodic, atomic checkpoints and --resume
+# ---------------------------------------------------------------------------------------------
+
+def read_steps(run_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.step for e in ea.Scalars(tag)]
+
+
+def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
+    path = str(tmp_path / "model.pt")
+    reinforce.write_atomically({"script": "reinforce.py", "global_step": 1}, path)
+
+    def dies_halfway(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(OSError):
+        reinforce.write_atomically({"script": "reinforce.py", "global_step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+    # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at (about)
+    # --total-timesteps, and TensorBoard has each update's step once, in order.
+    argv = ["--num-envs", "4", "--episodes-per-update", "4", "--total-timesteps", "30000", "--save-model",
+            "--checkpoint-every", "0"]
+    proc = subprocess.Popen([sys.executable, str(ROOT / "reinforce.py"), *argv], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("runs/*/model.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    (checkpoint,) = tmp_path.glob("runs/*/model.pt")
+    killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
+    assert 0 < killed_at < 25000
+
+    out = run_script("reinforce.py", tmp_path, "--resume", str(checkpoint.parent))
+    assert out.returncode == 0, out.stderr
+    assert torch.load(checkpoint, weights_only=True)["global_step"] > 25000  # the last batch may not fit
+    steps = read_steps(checkpoint.parent, "losses/policy_loss")
+    assert steps == sorted(set(steps)) and steps[0] < killed_at < steps[-1]
+    episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")
+    assert episode_steps == sorted(episode_steps)
+
+
+def test_a_resumed_run_starts_from_the_checkpoint_exactly(tmp_path, capsys):
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    before = torch.load(run / "model.pt", weights_only=True)
+    out = run_main(reinforce, tmp_path, capsys, "--resume", str(run / "model.pt"), "--total-timesteps",
+                   str(before["global_step"]))
+    assert out.returncode == 0, out.stderr
+    after = torch.load(run / "model.pt", weights_only=True)
+    assert after["global_step"] == before["global_step"]
+    for name, tensor in before["model"].items():
+        assert torch.equal(tensor, after["model"][name])
+    for i, state in before["optimizer"]["state"].items():
+        assert all(torch.equal(state[k], after["optimizer"]["state"][i][k]) for k in ("exp_avg", "exp_avg_sq"))
+    assert after["rng"]["acting"] == before["rng"]["acting"]
+
+
+def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
+    (run,) = (tmp_path / "runs").iterdir()
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--resume", str(run), "--episodes-per-update", "8"),
+                   "reinforce.py", "--episodes-per-update cannot change when resuming", "4", "8")
+
+
+def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, capsys, monkeypatch):
+    # A run logs its batches, but its last checkpoint is from its second (as when it dies before the
+    # next): resumed, the rest is trained and logged again, and the steps stay strictly increasing.
+    kept = []
+    save = reinforce.save_checkpoint
+    def keep_the_second(path, *rest):
+        save(path, *rest)
+        kept.append(open(path, "rb").read())
+    monkeypatch.setattr(reinforce, "save_checkpoint", keep_the_second)
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model", "--checkpoint-every", "0")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert len(read_steps(run, "losses/policy_loss")) > 3
+    (run / "model.pt").write_bytes(kept[1])
+    out = run_main(reinforce, tmp_path, capsys, "--resume", str(run))
+    assert out.returncode == 0, out.stderr
+    steps = read_steps(run, "losses/policy_loss")
+    assert steps == sorted(set(steps))
+    episodes = read_steps(run, "charts/episodic_return")
+    assert episodes == sorted(episodes)
