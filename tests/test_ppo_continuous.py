@@ -825,3 +825,18 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     out = run_main(pc, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "2048")  # train longer: allowed
     assert out.returncode == 0, out.stderr
     assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 2048
+
+
+def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_path, capsys):
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    old = torch.load(run / "model.pt", weights_only=True)
+    del old["rng"]  # as written before --resume existed
+    torch.save(old, tmp_path / "old.pt")
+    env = old["args"]["env_id"]
+    out = run_main(pc, tmp_path, capsys, "--env-id", env, "--eval-checkpoint", str(tmp_path / "old.pt"),
+                   "--eval-episodes", "2")
+    assert out.returncode == 0, out.stderr
+    one_line_error(run_main(pc, tmp_path, capsys, "--resume", str(tmp_path / "old.pt")), "ppo_continuous.py",
+                   "written before --resume existed")

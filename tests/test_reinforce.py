@@ -653,3 +653,18 @@ def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, cap
     assert steps == sorted(set(steps))
     episodes = read_steps(run, "charts/episodic_return")
     assert episodes == sorted(episodes)
+
+
+def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_path, capsys):
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    old = torch.load(run / "model.pt", weights_only=True)
+    del old["rng"]  # as written before --resume existed
+    torch.save(old, tmp_path / "old.pt")
+    env = old["args"]["env_id"]
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", env, "--eval-checkpoint", str(tmp_path / "old.pt"),
+                   "--eval-episodes", "2")
+    assert out.returncode == 0, out.stderr
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--resume", str(tmp_path / "old.pt")), "reinforce.py",
+                   "written before --resume existed")
