@@ -77,7 +77,7 @@ def main():
     ax.axvline(killed_at, color="gray", ls="--", lw=0.8)
     ax.set_xlabel("env steps")
     ax.set_ylabel("return (mean of last 100 episodes)")
-    ax.set_title(f"{a.env_id}, seed {a.seed}: killed with SIGKILL and resumed, beside the same run uninterrupted")
+    ax.set_title(f"{a.env_id}, seed {a.seed}: killed (SIGKILL) and resumed, and uninterrupted")
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(os.path.join(out, "curves.png"), dpi=90)
