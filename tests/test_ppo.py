@@ -868,7 +868,7 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
 def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     # Killed with SIGKILL (no chance to save) after its first periodic checkpoint, then resumed:
     # it ends at --total-timesteps, and TensorBoard has each iteration's step once, in order.
-    argv = ["--num-envs", "4", "--num-steps", "128", "--total-timesteps", "20480", "--save-model",
+    argv = ["--num-envs", "4", "--num-steps", "128", "--total-timesteps", "10240", "--save-model",
             "--checkpoint-every", "0"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -879,13 +879,13 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     proc.wait()
     (checkpoint,) = tmp_path.glob("runs/*/model.pt")
     killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < killed_at < 20480
+    assert 0 < killed_at < 10240
 
     out = run_script("ppo.py", tmp_path, "--resume", str(checkpoint.parent))
     assert out.returncode == 0, out.stderr
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 20480
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 10240
     steps = read_steps(checkpoint.parent, "losses/policy_loss")
-    assert steps == list(range(512, 20481, 512))  # each iteration once, in order
+    assert steps == list(range(512, 10241, 512))  # each iteration once, in order
     episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")
     assert episode_steps == sorted(episode_steps)
 

@@ -779,7 +779,7 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at
     # --total-timesteps, and TensorBoard has each iteration's step once, in order.
     argv = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "256", "--num-minibatches", "4",
-            "--update-epochs", "2", "--total-timesteps", "20480", "--save-model", "--checkpoint-every", "0"]
+            "--update-epochs", "2", "--total-timesteps", "10240", "--save-model", "--checkpoint-every", "0"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo_continuous.py"), *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -789,12 +789,12 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     proc.wait()
     (checkpoint,) = tmp_path.glob("runs/*/model.pt")
     killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < killed_at < 20480
+    assert 0 < killed_at < 10240
 
     out = run_script("ppo_continuous.py", tmp_path, "--resume", str(checkpoint.parent))
     assert out.returncode == 0, out.stderr
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 20480
-    assert read_steps(checkpoint.parent, "losses/policy_loss") == list(range(512, 20481, 512))
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 10240
+    assert read_steps(checkpoint.parent, "losses/policy_loss") == list(range(512, 10241, 512))
 
 
 def test_a_resumed_run_starts_from_the_checkpoint_exactly(tmp_path, capsys):
