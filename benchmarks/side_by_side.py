@@ -47,7 +47,8 @@ def main():
     commands = {
         a.ours: [sys.executable, os.path.join(ROOT, a.ours), "--env-id", a.ours_env_id or a.env_id,
                  "--seed", str(a.seed)],
-        os.path.basename(a.other_script): [a.other_python, os.path.abspath(a.other_script),
+        os.path.basename(a.other_script): [os.path.abspath(a.other_python) if os.sep in a.other_python
+                                           else a.other_python, os.path.abspath(a.other_script),
                                            "--env-id", a.env_id, "--seed", str(a.seed), *a.other_flags.split()],
     }
     procs = {}
