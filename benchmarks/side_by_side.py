@@ -52,11 +52,16 @@ def main():
                                            "--env-id", a.env_id, "--seed", str(a.seed), *a.other_flags.split()],
     }
     procs = {}
-    for name, cmd in commands.items():
-        cwd = os.path.join(work, name)
-        os.makedirs(cwd)
-        log = open(os.path.join(cwd, "stdout.log"), "w+")
-        procs[name] = (subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT), log)
+    try:
+        for name, cmd in commands.items():
+            cwd = os.path.join(work, name)
+            os.makedirs(cwd)
+            log = open(os.path.join(cwd, "stdout.log"), "w+")
+            procs[name] = (subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT), log)
+    except OSError:  # the second did not start: stop the first rather than leave it running alone
+        for proc, _ in procs.values():
+            proc.kill()
+        raise
     time.sleep(a.seconds)
     for proc, _ in procs.values():
         proc.send_signal(signal.SIGINT)
