@@ -131,7 +131,7 @@ DEFAULTS = {"learning_rate": (3e-3, 7e-4), "num_envs": (8, 16), "num_steps": (16
             "ent_coef": (0.0, 0.01), "vf_coef": (0.5, 0.25)}
 
 
-def with_defaults(args: "Args", frames: bool) -> "Args":
+def with_defaults(args: Args, frames: bool) -> Args:
     """`args` with every unset flag of DEFAULTS set for the observation kind; a flag given always wins."""
     return replace(args, **{name: kinds[frames] for name, kinds in DEFAULTS.items() if getattr(args, name) is None})
 
@@ -142,6 +142,11 @@ class UserError(Exception):
 
 class NonFiniteGradient(Exception):
     """The loss or its gradient became NaN or infinite: training stops before applying it, exit code 1."""
+
+
+def looks_atari(env_id: str) -> bool:
+    """An Atari id by its name (ALE/Breakout-v5, BreakoutNoFrameskip-v4), known before the env is looked up."""
+    return env_id.startswith("ALE/") or "NoFrameskip" in env_id
 
 
 def check_args(args: Args) -> None:
@@ -160,7 +165,7 @@ def check_args(args: Args) -> None:
     if args.total_timesteps < batch_size:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one update's steps "
                         f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size})")
-    if args.env_id.startswith("ALE/") or "NoFrameskip" in args.env_id:  # ale-py's vector env
+    if looks_atari(args.env_id):  # ale-py's vector env
         if args.capture_video:
             raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
         if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
@@ -187,8 +192,7 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     try:
         return gym.spec(env_id)
     except gym.error.Error as e:
-        atari = "NoFrameskip" in env_id or env_id.startswith("ALE/")
-        hint = " (Atari ids need ale-py: pip install ale-py)" if ale_py is None and atari else ""
+        hint = " (Atari ids need ale-py: pip install ale-py)" if ale_py is None and looks_atari(env_id) else ""
         raise UserError(f"unknown env id {env_id!r} ({e}){hint}") from None
 
 
@@ -447,6 +451,8 @@ class ActorCritic(nn.Module):
     log σ per action dimension (Box), and the critic's V(s). The body is a 64-64 tanh MLP for
     vectors and the Nature-DQN CNN for frames."""
 
+    bf16 = False  # run the body in bfloat16 (set by `use_bf16`; not part of the saved weights)
+
     def __init__(self, obs_shape: tuple, action_space: gym.Space):
         super().__init__()
         self.discrete = isinstance(action_space, gym.spaces.Discrete)
@@ -462,8 +468,6 @@ class ActorCritic(nn.Module):
         self.actor = layer_init(nn.Linear(width, out_dim), std=0.01)
         self.critic = layer_init(nn.Linear(width, 1), std=1.0)
         self.log_std = None if self.discrete else nn.Parameter(torch.zeros(out_dim))
-
-    bf16 = False  # run the body in bfloat16 (set by `use_bf16`; not part of the saved weights)
 
     def features(self, obs: torch.Tensor) -> torch.Tensor:
         with torch.autocast(obs.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -128,7 +128,7 @@ DEFAULTS = {"learning_rate": (1e-3, 2.5e-4), "num_steps": (256, 128), "gamma": (
             "gae_lambda": (0.98, 0.95), "num_minibatches": (32, 4), "clip_coef": (0.2, 0.1)}
 
 
-def with_defaults(args: "Args", frames: bool) -> "Args":
+def with_defaults(args: Args, frames: bool) -> Args:
     """`args` with every unset flag of DEFAULTS set for the observation kind; a flag given always wins."""
     return replace(args, **{name: kinds[frames] for name, kinds in DEFAULTS.items() if getattr(args, name) is None})
 
@@ -139,6 +139,11 @@ class UserError(Exception):
 
 class NonFiniteGradient(Exception):
     """The loss or its gradient became NaN or infinite: training stops before applying it, exit code 1."""
+
+
+def looks_atari(env_id: str) -> bool:
+    """An Atari id by its name (ALE/Breakout-v5, BreakoutNoFrameskip-v4), known before the env is looked up."""
+    return env_id.startswith("ALE/") or "NoFrameskip" in env_id
 
 
 def check_args(args: Args) -> None:
@@ -160,7 +165,7 @@ def check_args(args: Args) -> None:
                         f"does not divide into --num-minibatches {args.num_minibatches}")
     if args.total_timesteps < batch_size:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size})")
-    if args.env_id.startswith("ALE/") or "NoFrameskip" in args.env_id:  # ale-py's vector env
+    if looks_atari(args.env_id):  # ale-py's vector env
         if args.capture_video:
             raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
         if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
@@ -187,8 +192,7 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     try:
         return gym.spec(env_id)
     except gym.error.Error as e:
-        atari = "NoFrameskip" in env_id or env_id.startswith("ALE/")
-        hint = " (Atari ids need ale-py: pip install ale-py)" if ale_py is None and atari else ""
+        hint = " (Atari ids need ale-py: pip install ale-py)" if ale_py is None and looks_atari(env_id) else ""
         raise UserError(f"unknown env id {env_id!r} ({e}){hint}") from None
 
 
@@ -368,6 +372,8 @@ class Agent(nn.Module):
     a shared CNN trunk under a linear actor head and a linear critic head.
     """
 
+    bf16 = False  # run the trunk in bfloat16 (set by `use_bf16`; not part of the saved weights)
+
     def __init__(self, obs_shape: tuple, n_actions: int):
         super().__init__()
         if len(obs_shape) == 3:
@@ -387,8 +393,6 @@ class Agent(nn.Module):
             layer_init(nn.Linear(64, 64)), nn.Tanh(),
             layer_init(nn.Linear(64, n_actions), std=0.01),
         )
-
-    bf16 = False  # run the trunk in bfloat16 (set by `use_bf16`; not part of the saved weights)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):

@@ -67,6 +67,14 @@ def read_tags(run_dir):
     return scalars, texts
 
 
+def read_steps(run_dir, tag):
+    """The steps `tag` was logged at, in the order TensorBoard reads them (after any purge)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    return [e.step for e in ea.Scalars(tag)]
+
+
 def run_main(module, cwd, capsys, *argv):
     """Call `module.main(argv)` in `cwd`, as the command line would; returns (exit code, out, err)."""
     os.makedirs(cwd, exist_ok=True)

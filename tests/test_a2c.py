@@ -15,7 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags, run_main,
+from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags, run_main,
                       run_script)
 
 
@@ -265,6 +265,7 @@ def test_same_seed_same_returns(tmp_path):
     (["--env-id", "ALE/Breakout-v5", "--capture-video"], ["--capture-video does not support Atari ids"]),
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 16"]),
     (["--env-id", "CarRacing-v3"], ["CarRacing-v3 has observation space", "(96, 96, 3)"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(a2c, tmp_path, capsys, *argv), "a2c.py", *fragments)
@@ -736,13 +737,6 @@ def test_evaluation_plays_the_game_as_the_model_was_trained(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Periodic, atomic checkpoints and --resume
 # ---------------------------------------------------------------------------------------------
-
-def read_steps(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return [e.step for e in ea.Scalars(tag)]
-
 
 def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
     path = str(tmp_path / "model.pt")

@@ -17,7 +17,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_line_error, read_tags, run_main,
+from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_line_error, read_steps, read_tags, run_main,
                       run_script)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
@@ -474,6 +474,7 @@ def test_same_seed_same_returns(tmp_path):
     (["--env-id", "ALE/Breakout-v5", "--capture-video"], ["--capture-video does not support Atari ids"]),
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 10"]),
     (["--env-id", "CarRacing-v3"], ["Box", "ppo_continuous.py"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(ppo, tmp_path, capsys, *argv), "ppo.py", *fragments)
@@ -890,13 +891,6 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     assert episode_steps == sorted(episode_steps)
 
 
-def read_steps(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return [e.step for e in ea.Scalars(tag)]
-
-
 def test_a_resumed_run_starts_from_the_checkpoint_exactly(tmp_path, capsys):
     # Resumed with nothing left to train, it saves what it restored: the weights, the optimizer's
     # moments and the step count come back bit for bit.
@@ -951,3 +945,4 @@ def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, cap
     assert read_steps(run, "losses/policy_loss") == [512, 1024, 1536, 2048]
     episodes = read_steps(run, "charts/episodic_return")
     assert episodes == sorted(episodes) and episodes[-1] == 2048
+

@@ -18,7 +18,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import ROOT, interrupt_script, make_runs_unwritable, one_line_error, one_hot, read_tags, run_main, run_script
+from conftest import ROOT, interrupt_script, make_runs_unwritable, one_line_error, one_hot, read_steps, read_tags, run_main, run_script
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -594,6 +594,7 @@ def test_same_seed_same_returns(tmp_path):
     (["--seed", "99999999999", "--eval-checkpoint", "model.pt"], ["--seed must lie in [0, 2^32)"]),
     (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
     (["--obs-clip", "nan"], ["--obs-clip must be a finite number"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(pc, tmp_path, capsys, *argv), "ppo_continuous.py", *fragments)
@@ -752,13 +753,6 @@ def test_a_crash_saves_what_was_learned(tmp_path, capsys, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # Periodic, atomic checkpoints and --resume
 # ---------------------------------------------------------------------------------------------
-
-def read_steps(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return [e.step for e in ea.Scalars(tag)]
-
 
 def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
     path = str(tmp_path / "model.pt")

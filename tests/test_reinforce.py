@@ -16,7 +16,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import reinforce
-from conftest import (ROOT, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_tags,
+from conftest import (ROOT, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
                       run_main, run_script)
 
 
@@ -296,6 +296,7 @@ def test_same_seed_same_returns(tmp_path):
     (["--seed", "99999999999"], ["--seed must lie in [0, 2^32)"]),
     (["--seed", "99999999999", "--eval-checkpoint", "model.pt"], ["--seed must lie in [0, 2^32)"]),
     (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
+    (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(reinforce, tmp_path, capsys, *argv), "reinforce.py", *fragments)
@@ -561,13 +562,6 @@ def test_normalized_returns_make_the_update_blind_to_a_reward_shift(tmp_path, ca
 # ---------------------------------------------------------------------------------------------
 # Periodic, atomic checkpoints and --resume
 # ---------------------------------------------------------------------------------------------
-
-def read_steps(run_dir, tag):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
-    ea.Reload()
-    return [e.step for e in ea.Scalars(tag)]
-
 
 def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkeypatch):
     path = str(tmp_path / "model.pt")
