@@ -414,7 +414,7 @@ class Pixels(nn.Module):
     """uint8 frames to floats in [0, 1], inside the network: the rollout stores a quarter of the bytes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() / 255.0
+        return torch.div(x, 255.0)  # one pass, no float32 copy of the uint8 frames first
 
 
 def nature_cnn(obs_shape: tuple) -> nn.Sequential:
@@ -627,6 +627,22 @@ def collect_rollout(envs, policy, rollout: Rollout, obs: np.ndarray, after_done:
             on_episode(info["episode"]["r"][ended], info["episode"]["l"][ended])
         after_done = info.get("atari_game_over", terminated | truncated)
     return obs, after_done
+
+
+def next_state_values(agent: ActorCritic, rollout: Rollout, values: np.ndarray, device: torch.device) -> np.ndarray:
+    """V(s') of the state each step led to, shaped (n, N). `values` is V(s_t) at the valid steps, in
+    order, from the loss's forward pass: where step t+1 starts from the state step t led to (every step
+    but the last, in NEXT_STEP mode) its value is reused, and the critic runs only on the rest (the last
+    step, a reset step, a SAME_STEP episode's final observation). For frames a pass of the CNN is saved."""
+    n, N = rollout.valid.shape
+    known = np.zeros((n, N), values.dtype)
+    known[rollout.valid] = values
+    fresh = np.ones((n, N), bool)
+    fresh[:-1] = ~rollout.valid[1:] | (rollout.next_obs[:-1] != rollout.obs[1:]).reshape(n - 1, N, -1).any(-1)
+    next_values = np.empty_like(known)
+    next_values[:-1] = known[1:]
+    next_values[fresh] = agent.get_value(torch.from_numpy(rollout.next_obs[fresh]).to(device)).cpu().numpy()
+    return next_values
 
 
 # ---------------------------------------------------------------------------------------------
@@ -981,19 +997,20 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             obs, after_done = collect_rollout(envs, policy, rollout, obs, after_done, on_episode)
             global_step += batch_size
 
-            # 2. n-step returns R_t, bootstrapped from V(s_{t+n}) (or V(final obs) at a truncation).
-            with torch.inference_mode():
-                next_obs = torch.from_numpy(rollout.next_obs.reshape((-1,) + obs_shape)).to(device)
-                next_values = agent.get_value(next_obs).cpu().numpy().reshape(args.num_steps, args.num_envs)
-            returns = n_step_returns(rollout.rewards, next_values, rollout.terminations, rollout.truncations,
-                                     args.gamma)
-
-            # 3. One gradient step on L = L^A + c_v L^C - c_e H over the batch's real transitions.
+            # 2. π_θ(a_t|s_t), its entropy and V(s_t) at the real transitions, in one pass of the network.
             valid = rollout.valid.reshape(-1)
             b_obs = torch.from_numpy(rollout.obs.reshape((-1,) + obs_shape)[valid]).to(device)
             b_actions = torch.from_numpy(rollout.actions.reshape((batch_size,) + rollout.actions.shape[2:])[valid])
-            b_returns = torch.from_numpy(returns.reshape(-1)[valid]).to(device)
             log_probs, entropy, values = agent.evaluate_actions(b_obs, b_actions.to(device))
+
+            # 3. n-step returns R_t, bootstrapped from V(s_{t+n}) (or V(final obs) at a truncation).
+            with torch.inference_mode():
+                next_values = next_state_values(agent, rollout, values.detach().cpu().numpy(), device)
+            returns = n_step_returns(rollout.rewards, next_values, rollout.terminations, rollout.truncations,
+                                     args.gamma)
+
+            # 4. One gradient step on L = L^A + c_v L^C - c_e H over the batch's real transitions.
+            b_returns = torch.from_numpy(returns.reshape(-1)[valid]).to(device)
             b_advantages = advantages(b_returns, values)
             if args.norm_adv:
                 b_advantages = normalize_advantages(b_advantages)

@@ -348,7 +348,7 @@ class Pixels(nn.Module):
     """uint8 frames to floats in [0, 1], inside the network: the rollout stores a quarter of the bytes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.float() / 255.0
+        return torch.div(x, 255.0)  # one pass, no float32 copy of the uint8 frames first
 
 
 def nature_cnn(obs_shape: tuple) -> nn.Sequential:

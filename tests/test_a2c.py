@@ -28,6 +28,30 @@ def cols(rows, dtype=np.float32):
 # n-step returns
 # ---------------------------------------------------------------------------------------------
 
+def test_next_state_values_reuse_the_next_steps_value_and_run_the_critic_on_the_rest():
+    class Critic:  # V(s) = 10 s, and a record of the states it was asked about
+        asked = []
+
+        def get_value(self, x):
+            self.asked += x.flatten().tolist()
+            return 10.0 * x.float().flatten()
+
+    # (n=3 steps, N=2 envs), one number per state. Env 0 ends an episode at t=1 in SAME_STEP mode: its
+    # next state (the final observation 9) is not where step 2 starts (3). Env 1 ends one at t=0 in
+    # NEXT_STEP mode: step 1 is its reset step (not valid; it starts from the final observation 5), and
+    # step 2 starts from the new episode's first observation 6.
+    obs = np.array([[1, 4], [2, 5], [3, 6]], np.uint8)[..., None]
+    next_obs = np.array([[2, 5], [9, 6], [7, 8]], np.uint8)[..., None]
+    valid = np.array([[True, True], [True, False], [True, True]])
+    rollout = a2c.Rollout(obs, None, None, None, None, next_obs, valid)
+    values = np.array([10.5, 40.5, 20.5, 30.5, 60.5], np.float32)  # the loss's pass, valid steps in order
+    critic = Critic()
+    next_values = a2c.next_state_values(critic, rollout, values, torch.device("cpu"))
+    # Reused: env 0 at t=0, env 1 at t=1. Asked: the reset step's state 5, env 0's final state 9, the last step.
+    np.testing.assert_allclose(next_values, [[20.5, 50.0], [90.0, 60.5], [70.0, 80.0]])
+    assert sorted(critic.asked) == [5, 7, 8, 9]
+
+
 def test_n_step_returns_with_termination_and_truncation():
     # n = 4, N = 2, γ = 0.9. Env 0 terminates at t=1 (the final state's value 9.0 is unused);
     # env 1 is truncated at t=2 and bootstraps from V(final obs) = 5.0. After the rollout
