@@ -25,6 +25,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -126,9 +127,10 @@ def step_randomly_while(proc, envs, num_envs):
     return np.array(marks)
 
 
-def launch(script, env_id, seed, workdir, extra, save, python=sys.executable):
+def launch(script, env_id, seed, workdir, extra, save, python=sys.executable, launcher=""):
     os.makedirs(workdir, exist_ok=True)
-    cmd = [python, os.path.join(ROOT, script), "--env-id", env_id, "--seed", str(seed)] + extra
+    cmd = (shlex.split(launcher) if launcher else [python]) + [os.path.join(ROOT, script), "--env-id", env_id,
+                                                               "--seed", str(seed)] + extra
     if save:
         cmd.append("--save-model")
     start = time.time()
@@ -235,6 +237,9 @@ def main():
     p.add_argument("--extra", default="", help="more flags for the script, e.g. '--total-timesteps 100000'")
     p.add_argument("--python", default=sys.executable,
                    help="the Python to run the script with: another implementation's virtual environment")
+    p.add_argument("--launcher", default="",
+                   help="run the script under this instead of --python, e.g. "
+                        "'python -m torch.distributed.run --standalone --nproc-per-node 2' (torchrun)")
     a = p.parse_args()
     out = os.path.abspath(a.out or os.path.join(ROOT, "benchmarks", "results", a.script[:-3]))
     os.makedirs(out, exist_ok=True)
@@ -248,7 +253,7 @@ def main():
         while queue and len(running) < a.parallel and not (running and queue[0][2]):
             env_id, seed, beside = queue.pop(0)
             sub = os.path.join(out, "ratio") if beside else out
-            proc, start, cmd = launch(a.script, env_id, seed, sub, a.extra.split(), a.eval and not beside, a.python)
+            proc, start, cmd = launch(a.script, env_id, seed, sub, a.extra.split(), a.eval and not beside, a.python, a.launcher)
             running.append((proc, start, env_id, seed, cmd, beside, sub))
         marks = None
         if running[0][5]:

@@ -253,3 +253,56 @@ class Float64Bandit(Bandit):
 
 gym.register("Float64Bandit-v0", entry_point=Float64Bandit)
 gym.register("NextStepBandit-v0", entry_point=Bandit, vector_entry_point=NextStepBandit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes: what torchrun does, in-process, so a test can look at every rank's numbers
+# ---------------------------------------------------------------------------------------------
+
+def free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, out_dir, fn, args):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch
+    torch.set_num_threads(1)
+    torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def start_ranks(fn, world, *args, tmp_path):
+    """fn(rank, *args) in `world` processes with torchrun's environment (RANK, WORLD_SIZE, MASTER_*),
+    started; `finish_ranks` waits for them. fn joins the group itself (the script's own way, or
+    `join_gloo`); a module-level function, so the spawned processes can import it."""
+    import torch.multiprocessing as mp
+    out_dir = tmp_path / f"ranks-{time.monotonic_ns()}"
+    out_dir.mkdir()
+    return mp.spawn(_rank_main, args=(world, free_port(), str(out_dir), fn, args), nprocs=world, join=False), out_dir
+
+
+def finish_ranks(started, timeout=120):
+    """What each rank returned; a rank left waiting (a collective another rank never joined) fails the test."""
+    import torch
+    context, out_dir = started
+    deadline = time.time() + timeout
+    while not context.join(timeout=1):
+        if time.time() > deadline:
+            for p in context.processes:
+                p.kill()
+            pytest.fail(f"the ranks did not finish within {timeout} s")
+    return [torch.load(out_dir / f"rank{rank}.pt", weights_only=False) for rank in range(len(context.processes))]
+
+
+def run_ranks(fn, world, *args, tmp_path, timeout=120):
+    return finish_ranks(start_ranks(fn, world, *args, tmp_path=tmp_path), timeout)
+
+
+def join_gloo(seconds=20):
+    """The process group, with a short timeout: a rank left waiting in a collective fails the test quickly."""
+    from datetime import timedelta
+    import torch.distributed as dist
+    dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))

@@ -18,7 +18,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import ROOT, interrupt_script, make_runs_unwritable, one_line_error, one_hot, read_steps, read_tags, run_main, run_script
+from conftest import ROOT, finish_ranks, free_port, interrupt_script, join_gloo, run_ranks, start_ranks, make_runs_unwritable, one_line_error, one_hot, read_steps, read_tags, run_main, run_script
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -104,8 +104,8 @@ def test_running_mean_std_merge_of_two_batches_by_hand():
 
 def test_running_mean_std_fed_batch_by_batch_knows_all_of_them():
     rms = pc.RunningMeanStd((1,))
-    rms.update(np.array([[1.0], [3.0]]))
-    rms.update(np.array([[5.0], [7.0], [9.0]]))
+    rms.update(np.array([[1.0], [3.0]]), pc.Ranks())
+    rms.update(np.array([[5.0], [7.0], [9.0]]), pc.Ranks())
     # the tiny prior count (1e-4 of a sample at mean 0, variance 1) moves nothing beyond 1e-4
     np.testing.assert_allclose(rms.mean, [5.0], rtol=1e-4)
     np.testing.assert_allclose(rms.var, [8.0], rtol=1e-4)
@@ -180,7 +180,7 @@ def test_approx_kl_and_explained_variance():
     assert (old.item(), new.item()) == pytest.approx((0.0, 0.25), abs=1e-7)
     targets = torch.tensor([1.0, 2.0, 3.0])
     assert pc.explained_variance(torch.full((3,), 2.0), targets) == pytest.approx(0.0)
-    torch.testing.assert_close(pc.normalize_advantages(targets), torch.tensor([-1.0, 0.0, 1.0]))
+    torch.testing.assert_close(pc.normalize_advantages(targets, targets.mean(), targets.std()), torch.tensor([-1.0, 0.0, 1.0]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +240,7 @@ def test_truncation_bootstraps_from_the_normalised_final_observation():
     # The statistics the rollout acted with: mean 1, variance 4 (std 2), from 100 observations.
     rms = pc.RunningMeanStd((1,))
     rms.mean, rms.var, rms.count = np.array([1.0]), np.array([4.0]), 100.0
-    obs, next_obs = pc.normalize_batch(rollout, rms, 10.0)
+    obs, next_obs = pc.normalize_batch(rollout, rms, 10.0, pc.Ranks())
     # Every observation is standardised with those, (s - 1) / 2, not with statistics that
     # already include the batch: 0 → -0.5, 1 → 0, 2 → 0.5, 3 → 1.
     z = {0: -0.5, 1: 0.0, 2: 0.5, 3: 1.0}
@@ -454,9 +454,9 @@ def test_log_pi_old_is_the_log_probability_under_the_policy_that_acted(tmp_path,
 
     real_update = pc.ppo_update
 
-    def recording_update(agent, optimizer, batch, args):
+    def recording_update(agent, optimizer, batch, args, ranks):
         stored.append(batch.logprobs.numpy().copy())
-        return real_update(agent, optimizer, batch, args)
+        return real_update(agent, optimizer, batch, args, ranks)
     monkeypatch.setattr(pc, "NumpyPolicy", RecordingPolicy)
     monkeypatch.setattr(pc, "ppo_update", recording_update)
     out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64",
@@ -484,12 +484,12 @@ def bandit_batch(n=256):
     return agent, pc.Batch(obs, actions, logprobs, values, advantages=rewards - values, returns=rewards)
 
 
-def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, **flags):
+def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, ranks=pc.Ranks(), **flags):
     """A copy of `agent` after one ppo_update (2 epochs x 4 minibatches unless told), and its stats."""
     agent = copy.deepcopy(agent)
     args = pc.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags})
     torch.manual_seed(1)  # the same shuffles every time
-    stats = pc.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args)
+    stats = pc.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args, ranks)
     return agent, stats
 
 
@@ -834,3 +834,142 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
     assert out.returncode == 0, out.stderr
     one_line_error(run_main(pc, tmp_path, capsys, "--resume", str(tmp_path / "old.pt")), "ppo_continuous.py",
                    "written before --resume existed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes (torchrun): the ranks are one learner
+# ---------------------------------------------------------------------------------------------
+
+def train_as_rank(rank, cwd, argv):
+    """A rank of a torchrun job: the script's main, in `cwd`; returns its exit code and final parameters."""
+    os.chdir(cwd)
+    made = []
+
+    class Recorded(pc.Agent):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    pc.Agent = Recorded
+    try:
+        pc.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
+
+
+def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
+    argv = ["--env-id", "ContinuousBandit-v0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
+            "--learning-rate", "3e-3", "--total-timesteps", "4096", "--no-norm-reward", "--save-model"]
+    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    assert code0 == code1 == 0
+    ranks = [rank0, rank1]
+    for name in ranks[0]:  # every optimizer step was the same on both: bitwise the same weights
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
+    agent = pc.Agent(2, 1)
+    agent.load_state_dict(torch.load(run / "model.pt", weights_only=True)["model"])
+    assert all(torch.equal(p, ranks[0][name]) for name, p in agent.named_parameters())
+    # --total-timesteps counts both ranks' steps, and every one-step episode of both reaches the log.
+    assert len(read_steps(run, "charts/episodic_return")) == 4096
+    obs_rms = pc.RunningMeanStd.from_state(torch.load(run / "model.pt", weights_only=True)["obs_rms"])
+    assert obs_rms.count == pytest.approx(4096, abs=1)  # both ranks' observations, merged
+    # And they learned: the mean found both targets, from 2048 steps of each rank.
+    mean = pc.NumpyPolicy(agent, obs_rms, 10.0).mean(np.eye(2, dtype=np.float32))[:, 0]
+    np.testing.assert_allclose(mean, [-0.5, 0.5], atol=0.15)
+
+
+def collectives_as_rank(rank):
+    """What tests (b)-(d) need of a rank: one update of its half of a batch, its share of the
+    statistics, and a KL stop; the halves differ, so only a correct merge makes the ranks agree."""
+    join_gloo()
+    ranks = pc.Ranks(rank, 2)
+    agent, batch = bandit_batch(128)
+    half = slice(64 * rank, 64 * (rank + 1))
+    mine = pc.Batch(*(getattr(batch, f)[half] for f in ("obs", "actions", "logprobs", "values", "advantages", "returns")))
+    out = {}
+    # (b) 2 epochs of 1 minibatch (the union of the halves is the whole batch); plain SGD, unclipped,
+    # so that the gradient's scale shows (Adam's step would not change if the ranks summed it).
+    out["update"] = parameters(update(agent, mine, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9,
+                                      ranks=ranks)[0])
+    # (c) each rank's data to the running statistics; the union's mean and std.
+    data = np.arange(6.0).reshape(3, 2) * (rank + 1) + 10 * rank  # (3, 2) on rank 0, shifted and wider on 1
+    rms = pc.RunningMeanStd((2,))
+    rms.update(data, ranks)
+    out["rms"] = (rms.mean, rms.var, rms.count)
+    out["mean_std"] = pc.union_mean_std(torch.from_numpy(data[:, 0]).float(), ranks)
+    # (d) rank 0's old log-probabilities 0.5 too high: its KL estimate is e^-0.5 - 1 + 0.5 = 0.107 from the
+    # first minibatch, rank 1's is 0 there (θ = θ_old); their mean, 0.053, passes --target-kl 0.01.
+    if rank == 0:
+        mine = pc.Batch(mine.obs, mine.actions, mine.logprobs + 0.5, mine.values, mine.advantages, mine.returns)
+    kl_agent, stats = update(agent, mine, lr=1e-4, target_kl=0.01, ranks=ranks)
+    out["kl_steps"], out["kl_update"] = stats["minibatch_steps"], parameters(kl_agent)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_ranks(collectives_as_rank, 2, tmp_path=tmp_path_factory.mktemp("ranks"))
+
+
+def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
+    agent, batch = bandit_batch(128)
+    alone = parameters(update(agent, batch, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9)[0])
+    for rank in two_ranks:
+        torch.testing.assert_close(rank["update"], alone, rtol=0, atol=1e-6)
+    assert torch.equal(two_ranks[0]["update"], two_ranks[1]["update"])
+
+
+def test_merged_running_statistics_are_those_of_the_union(two_ranks):
+    union = np.concatenate([np.arange(6.0).reshape(3, 2), np.arange(6.0).reshape(3, 2) * 2 + 10])
+    # By hand, column 0: rank 0 has 0, 2, 4 and rank 1 has 10, 14, 18: mean 8, variance
+    # (64 + 36 + 16 + 4 + 36 + 100) / 6 = 256 / 6; the prior (count 1e-4) barely moves them.
+    for rank in two_ranks:
+        mean, var, count = rank["rms"]
+        np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
+        np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
+        assert mean[0] == pytest.approx(8.0, rel=1e-4) and var[0] == pytest.approx(256 / 6, rel=1e-4)
+        assert count == pytest.approx(6, abs=1e-3)
+        m, s = rank["mean_std"]  # the (n-1) std: sqrt(256 / 5)
+        assert (m.item(), s.item()) == pytest.approx((8.0, math.sqrt(256 / 5)), rel=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(two_ranks[0]["rms"][:2], two_ranks[1]["rms"][:2]))
+
+
+def test_the_kl_stop_is_taken_by_all_ranks_together(two_ranks):
+    # Alone, rank 1 would not stop (KL 0, then a step of lr 1e-4); together both stop after the first step.
+    assert [rank["kl_steps"] for rank in two_ranks] == [1, 1]
+    assert torch.equal(two_ranks[0]["kl_update"], two_ranks[1]["kl_update"])
+
+
+def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    argv = ["--env-id", "Pendulum-v1", "--num-steps", "64", "--num-minibatches", "2", "--total-timesteps",
+            "100000000", "--save-model"]
+    started = start_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(b"charts/SPS" in e.read_bytes() for e in tmp_path.glob("runs/*/events.*")):
+        time.sleep(0.2)
+    os.kill(started[0].processes[1].pid, signal.SIGTERM)  # rank 1 only, as a scheduler might
+    (code0, rank0), (code1, rank1) = finish_ranks(started)
+    assert code0 == code1 == 143  # both took it as theirs
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert 0 < ckpt["global_step"] < 100_000_000 and ckpt["global_step"] % 128 == 0
+    assert all(torch.equal(ckpt["model"][name], rank0[name]) for name in rank0)  # saved at the stop
+
+
+def test_under_torchrun_rank_0_alone_speaks(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                str(free_port()), str(ROOT / "ppo_continuous.py")]
+    out = subprocess.run(torchrun + ["--env-id", "Pendulum-v1", "--num-envs", "0"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.count("ppo_continuous.py: error: --num-envs must be positive, got 0") == 1  # not once per rank
+    out = subprocess.run(torchrun + ["--env-id", "Pendulum-v1", "--num-steps", "64", "--num-minibatches", "2",
+                                     "--total-timesteps", "512", "--save-model"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("model saved to runs/") == 1 and out.stdout.count("step 512/512") >= 1
+    (run,) = (tmp_path / "runs").iterdir()
+    assert read_steps(run, "charts/SPS")[-1] == 512  # 4 iterations of 2 ranks x 64 steps
