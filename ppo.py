@@ -23,12 +23,14 @@ import random
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import tyro
 from gymnasium.vector import AutoresetMode
@@ -163,13 +165,16 @@ def check_args(args: Args) -> None:
     if batch_size % args.num_minibatches:
         raise UserError(f"the batch (--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}) "
                         f"does not divide into --num-minibatches {args.num_minibatches}")
-    if args.total_timesteps < batch_size:
-        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size})")
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an iteration takes every rank's batch
+    if args.total_timesteps < batch_size * ranks:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size}"
+                        + (f" x {ranks} ranks" if ranks > 1 else "") + ")")
     if looks_atari(args.env_id):  # ale-py's vector env
         if args.capture_video:
             raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
-        if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
-            raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")
+        envs = max(args.num_envs * ranks, args.eval_episodes)
+        if args.seed + envs >= 2**31:  # one int32 seed per env (of every rank)
+            raise UserError(f"--seed must be less than 2^31 - {envs} for Atari ids")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if args.checkpoint_every < 0:
@@ -585,9 +590,10 @@ def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, termin
     return advantages.astype(np.float32), (advantages + values).astype(np.float32)
 
 
-def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(Â - mean Â) / (std Â + ε), over one minibatch."""
-    return (advantages - advantages.mean()) / (advantages.std() + eps)
+def normalize_advantages(advantages: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                         eps: float = 1e-8) -> torch.Tensor:
+    """(Â - mean Â) / (std Â + ε), the mean and std of one minibatch (all ranks' together: `union_mean_std`)."""
+    return (advantages - mean) / (std + eps)
 
 
 def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
@@ -649,11 +655,13 @@ class Batch:
     valid: torch.Tensor
 
 
-def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args) -> dict:
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, ranks: "Ranks") -> dict:
     """Optimise L for K epochs over shuffled minibatches of the real transitions; θ changes, θ_old does not.
 
     Returns the last minibatch's losses and KL estimates, the clip fraction over all of them,
-    and how many minibatch steps were taken (fewer when the KL passed --target-kl).
+    and how many minibatch steps were taken (fewer when the KL passed --target-kl). Under
+    torchrun a minibatch is the union of the ranks' minibatches: its advantages are normalised
+    together, its gradient is the mean of theirs, and its KL, which may stop the epochs, theirs.
     """
     minibatches = (mb for _ in range(args.update_epochs)  # each epoch a new shuffle
                    for mb in torch.tensor_split(batch.valid[torch.randperm(len(batch.valid), device=batch.valid.device)],
@@ -669,7 +677,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
 
         mb_advantages = batch.advantages[mb]
         if args.norm_adv:
-            mb_advantages = normalize_advantages(mb_advantages)
+            mb_advantages = normalize_advantages(mb_advantages, *union_mean_std(mb_advantages, ranks))
         pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
         v_loss = value_loss(newvalue, batch.values[mb], batch.returns[mb],
                             args.clip_coef if args.clip_vloss else None)
@@ -678,13 +686,102 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
 
         optimizer.zero_grad()
         loss.backward()
+        average_gradients(agent, ranks)
         clip_gradients(agent, args.max_grad_norm)
         optimizer.step()
-        if args.target_kl is not None and kl > args.target_kl:
+        if args.target_kl is not None and mean_over_ranks(kl, ranks) > args.target_kl:
             break  # π_θ has moved far enough from π_θold: no more steps, this epoch or the next
     return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
             "old_approx_kl": old_kl.item(), "approx_kl": kl.item(),
             "clipfrac": torch.stack(clipfracs).mean().item(), "minibatch_steps": len(clipfracs)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes (torchrun): N learners that stay one. Alone, each helper does nothing.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among torchrun's data-parallel learners: rank 0 of 1 when run alone."""
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")  # where the collectives' tensors live (nccl: the GPU)
+
+
+def join_ranks(device: torch.device) -> Ranks:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo on the CPU, nccl on GPUs.
+
+    The rank is RANK, unique across machines; LOCAL_RANK repeats on each machine and only picks the GPU.
+    """
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size == 1:
+        return Ranks()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(int(os.environ["RANK"]), size, device)
+
+
+def leave_ranks(ranks: Ranks) -> None:
+    if ranks.size > 1:
+        dist.destroy_process_group()
+
+
+def average_gradients(agent: nn.Module, ranks: Ranks) -> None:
+    """∇θ ← the mean of the ranks' ∇θ, all parameters in one flat all-reduce: every rank then takes the
+    same optimizer step, so the ranks' θ stay identical (and a NaN on one rank is a NaN on all)."""
+    if ranks.size > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in agent.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(ranks.device)
+        dist.all_reduce(flat)
+        flat = (flat / ranks.size).to(grads[0].device)
+        for p, g in zip(agent.parameters(), torch.split(flat, [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+
+def mean_over_ranks(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
+    """The mean of a scalar over the ranks: a decision taken on it is the same on every rank."""
+    if ranks.size == 1:
+        return x
+    total = x.detach().reshape(1).to(ranks.device, torch.float64)
+    dist.all_reduce(total)
+    return (total / ranks.size).to(x.device, x.dtype)[0]
+
+
+def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
+    """Whether any rank was asked to stop (Ctrl-C, SIGTERM): then every rank stops, at the same iteration,
+    and takes the request as its own, so all of them save and exit alike."""
+    if ranks.size > 1:
+        signum = torch.tensor([stop.signum or 0], device=ranks.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        stop.signum = int(signum.item()) or None
+    return stop.requested
+
+
+def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and (n-1) std of the union of every rank's x: from the ranks' n, Σx, Σx² summed."""
+    if ranks.size == 1:
+        return x.mean(), x.std()
+    sums = torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
+                        x.double().sum(), x.double().square().sum()]).to(ranks.device)
+    dist.all_reduce(sums)
+    n, total, squares = sums.tolist()
+    mean = total / n
+    return x.new_tensor(mean), x.new_tensor(math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1)))
+
+
+def gather_episodes(episodes: list, ranks: Ranks) -> list:
+    """Every rank's (return, length) of the episodes that ended, for rank 0 to log."""
+    if ranks.size == 1:
+        return episodes
+    everyone = [None] * ranks.size
+    dist.all_gather_object(everyone, episodes)
+    return [episode for rank_episodes in everyone for episode in rank_episodes]
+
+
+class Silent:
+    """The other ranks' SummaryWriter and status line: rank 0 alone writes logs and prints progress."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -797,9 +894,14 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
 # ---------------------------------------------------------------------------------------------
 
 def select_device(args: Args) -> torch.device:
+    """The CPU, or with --cuda the GPU (under torchrun, the machine's LOCAL_RANK-th)."""
     if args.cuda and not torch.cuda.is_available():
         print(f"{SCRIPT}: warning: --cuda given but no GPU is available; running on the CPU", file=sys.stderr)
-    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if not (args.cuda and torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
 
 
 def seed_everything(args: Args, frames: bool) -> None:
@@ -809,6 +911,8 @@ def seed_everything(args: Args, frames: bool) -> None:
     # (forcing two threads beside two other runs on two cores: 145 SPS on Breakout, against 774 alone).
     if not frames:
         torch.set_num_threads(1)
+    elif "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the machine's ranks share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -890,12 +994,17 @@ def make_run_dir(run_name: str, capture_video: bool) -> str:
 ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
 
 
+def speaks() -> bool:
+    """Whether this process prints: alone, or rank 0 under torchrun (whose RANK is set before Python starts)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def report_end(exit_code: int, global_step: int) -> None:
     """Say how training ended and exit with its code: 0, 1 (NaN), 130 (Ctrl-C), 143 (SIGTERM)."""
-    if exit_code == 1:
+    if exit_code == 1 and speaks():
         print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
               "stopped before applying it", file=sys.stderr)
-    elif exit_code:
+    elif exit_code and speaks():
         print(f"{SCRIPT}: stopped by {ENDINGS[exit_code]} at step {global_step}")
     if exit_code:
         sys.exit(exit_code)
@@ -906,59 +1015,66 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
-    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video)
     device = select_device(args)
+    ranks = join_ranks(device)
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
+    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
     seed_everything(args, frames)
+    seed = args.seed + ranks.rank * args.num_envs  # every env of every rank a seed of its own
 
-    envs = make_envs(args, args.num_envs, run_name)
+    envs = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs, run_name)
     obs_shape, n_actions = envs.single_observation_space.shape, int(envs.single_action_space.n)
     agent = Agent(obs_shape, n_actions).to(device)
     agent.bf16 = use_bf16(args.cnn_precision, frames, device)
     optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5,
                                  fused=device.type in ("cpu", "cuda"))
 
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     global_step = 0
     if resume:  # where the checkpoint left off; the envs start new episodes
         agent.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
-        restore_rng_states(resume["rng"], rng)
         global_step = resume["global_step"]
+        restore_rng_states(resume["rng"], rng)
+        if ranks.rank > 0:  # the checkpoint holds rank 0's acting draws; the others draw their own
+            rng = np.random.default_rng([seed, global_step])
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
     # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    batch_size = args.num_envs * args.num_steps
-    num_iterations = args.total_timesteps // batch_size
+    batch_size = args.num_envs * args.num_steps  # this rank's; an iteration takes every rank's
+    num_iterations = args.total_timesteps // (batch_size * ranks.size)
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, np.uint8 if frames else np.float32)
-    status = StatusLine(num_iterations * batch_size, global_step)
+    first_step = global_step
+    status = StatusLine(num_iterations * batch_size * ranks.size, first_step) if ranks.rank == 0 else Silent()
+    recent_returns = deque(maxlen=100)
 
-    def on_episode(returns, lengths):  # at the step count the rollout ends on, as its losses are
-        for r, l in zip(returns, lengths):
-            writer.add_scalar("charts/episodic_return", r, global_step + batch_size)
-            writer.add_scalar("charts/episodic_length", l, global_step + batch_size)
-
-    obs, _ = envs.reset(seed=args.seed)
+    obs, _ = envs.reset(seed=seed)
     after_done = np.zeros(args.num_envs, bool)
     start_time = time.time()
     next_checkpoint = start_time + args.checkpoint_every
     stop = StopRequest()
     exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
-        for iteration in range(global_step // batch_size + 1, num_iterations + 1):
-            if stop.requested:  # Ctrl-C or SIGTERM: stop here, between two iterations
+        for iteration in range(global_step // (batch_size * ranks.size) + 1, num_iterations + 1):
+            if all_ranks_stop(stop, ranks):  # Ctrl-C or SIGTERM: stop here, between two iterations
                 break
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (iteration - 1.0) / num_iterations) * args.learning_rate
 
             # 1. Run π_θold for T steps in each of the N envs.
             policy = TorchPolicy(agent, rng, device) if frames else NumpyPolicy(agent.actor, rng)
-            obs, after_done = collect_rollout(envs, policy, rollout, obs, after_done, on_episode)
-            global_step += batch_size
+            episodes = []
+            obs, after_done = collect_rollout(envs, policy, rollout, obs, after_done,
+                                              lambda returns, lengths: episodes.extend(zip(returns, lengths)))
+            global_step += batch_size * ranks.size
+            for episodic_return, length in gather_episodes(episodes, ranks):  # every rank's, at the step count
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)  # the rollout ended on
+                writer.add_scalar("charts/episodic_length", length, global_step)
+                recent_returns.append(episodic_return)
             with torch.inference_mode():
                 b_obs = torch.from_numpy(rollout.obs.reshape((-1,) + obs_shape)).to(device)
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1)).to(device)
@@ -978,18 +1094,17 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
                           torch.from_numpy(advantages.reshape(-1)).to(device),
                           torch.from_numpy(returns.reshape(-1)).to(device),
                           valid=torch.from_numpy(np.flatnonzero(rollout.valid.reshape(-1))).to(device))
-            stats = ppo_update(agent, optimizer, batch, args)
+            stats = ppo_update(agent, optimizer, batch, args, ranks)
 
-            # 4. Log what the update did.
+            # 4. Log what the update did (under torchrun, on rank 0's minibatches).
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             for name, value in stats.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)
             writer.add_scalar("losses/explained_variance",
                               explained_variance(batch.values[batch.valid], batch.returns[batch.valid]), global_step)
-            writer.add_scalar("charts/SPS", int((global_step - status.first_step) / (time.time() - start_time)),
-                              global_step)
-            status.update(global_step, envs.return_queue)
-            if args.save_model and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
+            writer.add_scalar("charts/SPS", int((global_step - first_step) / (time.time() - start_time)), global_step)
+            status.update(global_step, recent_returns)
+            if args.save_model and ranks.rank == 0 and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
                 writer.flush()  # the logs up to the checkpoint reach the disk with it
                 save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng)
                 next_checkpoint = time.time() + args.checkpoint_every
@@ -998,13 +1113,14 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         exit_code = 1
     finally:  # every way out, a crash included: keep what was learned, close the logs
         stop.restore()
-        status.update(global_step, envs.return_queue, force=True)
+        status.update(global_step, recent_returns, force=True)
         status.close()
-        if args.save_model:
+        if args.save_model and ranks.rank == 0:
             save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
+        leave_ranks(ranks)
     report_end(exit_code, global_step)
 
 
@@ -1055,7 +1171,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        if speaks():  # under torchrun every rank finds the same mistake: one line, not N
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
         print(f"{SCRIPT}: interrupted", file=sys.stderr)

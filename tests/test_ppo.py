@@ -17,7 +17,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_line_error, read_steps, read_tags, run_main,
+from conftest import (ROOT, Counter, ScriptedAtari, finish_ranks, interrupt_script, join_gloo, run_ranks, start_ranks, make_runs_unwritable, one_line_error, read_steps, read_tags, run_main,
                       run_script)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
@@ -203,8 +203,8 @@ def test_approx_kl_estimators():
 
 def test_normalize_advantages_and_explained_variance():
     # mean 2, sample std 1 → (-1, 0, 1)
-    torch.testing.assert_close(ppo.normalize_advantages(torch.tensor([1.0, 2.0, 3.0])),
-                               torch.tensor([-1.0, 0.0, 1.0]))
+    a = torch.tensor([1.0, 2.0, 3.0])
+    torch.testing.assert_close(ppo.normalize_advantages(a, a.mean(), a.std()), torch.tensor([-1.0, 0.0, 1.0]))
     targets = torch.tensor([1.0, 2.0, 3.0])
     assert ppo.explained_variance(targets, targets) == pytest.approx(1.0)
     assert ppo.explained_variance(torch.full((3,), 2.0), targets) == pytest.approx(0.0)
@@ -298,12 +298,12 @@ def bandit_batch(n=256):
                             valid=torch.arange(n))
 
 
-def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, **flags):
+def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, ranks=ppo.Ranks(), **flags):
     """A copy of `agent` after one ppo_update (2 epochs x 4 minibatches unless told), and its stats."""
     agent = copy.deepcopy(agent)
     args = ppo.with_defaults(ppo.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags}), frames=False)
     torch.manual_seed(1)  # the same shuffles every time
-    stats = ppo.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args)
+    stats = ppo.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args, ranks)
     return agent, stats
 
 
@@ -946,3 +946,93 @@ def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, cap
     episodes = read_steps(run, "charts/episodic_return")
     assert episodes == sorted(episodes) and episodes[-1] == 2048
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes (torchrun): the ranks are one learner
+# ---------------------------------------------------------------------------------------------
+
+def train_as_rank(rank, cwd, argv):
+    """A rank of a torchrun job: the script's main, in `cwd`; returns its exit code and final parameters."""
+    os.chdir(cwd)
+    made = []
+
+    class Recorded(ppo.Agent):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    ppo.Agent = Recorded
+    try:
+        ppo.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
+
+
+def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
+    # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
+    argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "4096",
+            "--save-model"]
+    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    assert code0 == code1 == 0
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
+    (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["global_step"] == 4096 and all(torch.equal(ckpt["model"][name], rank0[name]) for name in rank0)
+    returns = read_tags(run)[0]["charts/episodic_return"]
+    assert len(returns) == 2048  # both ranks' episodes: 4096 steps, every other one a reset step
+    assert np.mean(returns[-100:]) > 0.9  # learned, from 2048 steps of each rank
+
+
+def collectives_as_rank(rank):
+    """One update of this rank's half of a batch (the halves differ), and a KL stop."""
+    join_gloo()
+    ranks = ppo.Ranks(rank, 2)
+    agent, batch = bandit_batch(128)
+    half = slice(64 * rank, 64 * (rank + 1))
+    mine = ppo.Batch(*(getattr(batch, f)[half] for f in ("obs", "actions", "logprobs", "values", "advantages",
+                                                          "returns")), valid=torch.arange(64))
+    out = {"update": parameters(update(agent, mine, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9,
+                                       ranks=ranks)[0])}
+    if rank == 0:  # its KL estimate e^-0.5 - 1 + 0.5 = 0.107 from the first minibatch; rank 1's 0 there
+        mine.logprobs = mine.logprobs + 0.5
+    kl_agent, stats = update(agent, mine, lr=1e-4, target_kl=0.01, ranks=ranks)
+    out["kl_steps"], out["kl_update"] = stats["minibatch_steps"], parameters(kl_agent)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_ranks(collectives_as_rank, 2, tmp_path=tmp_path_factory.mktemp("ranks"))
+
+
+def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
+    agent, batch = bandit_batch(128)
+    alone = parameters(update(agent, batch, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9)[0])
+    for rank in two_ranks:
+        torch.testing.assert_close(rank["update"], alone, rtol=0, atol=1e-6)
+    assert torch.equal(two_ranks[0]["update"], two_ranks[1]["update"])
+
+
+def test_the_kl_stop_is_taken_by_all_ranks_together(two_ranks):
+    # Alone, rank 1 would not stop (KL 0, then a step of lr 1e-4); together both stop after the first step.
+    assert [rank["kl_steps"] for rank in two_ranks] == [1, 1]
+    assert torch.equal(two_ranks[0]["kl_update"], two_ranks[1]["kl_update"])
+
+
+def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    argv = ["--env-id", "CartPole-v1", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "100000000",
+            "--save-model"]
+    started = start_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(b"charts/SPS" in e.read_bytes() for e in tmp_path.glob("runs/*/events.*")):
+        time.sleep(0.2)
+    os.kill(started[0].processes[1].pid, signal.SIGTERM)  # rank 1 only, as a scheduler might
+    (code0, rank0), (code1, rank1) = finish_ranks(started)
+    assert code0 == code1 == 143  # both took it as theirs
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert 0 < ckpt["global_step"] < 100_000_000 and ckpt["global_step"] % 256 == 0
+    assert all(torch.equal(ckpt["model"][name], rank0[name]) and torch.equal(rank1[name], rank0[name]) for name in rank0)
