@@ -27,12 +27,14 @@ import random
 import signal
 import sys
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
 
 import gymnasium as gym
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
@@ -162,14 +164,17 @@ def check_args(args: Args) -> None:
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     batch_size = args.num_envs * args.num_steps
-    if args.total_timesteps < batch_size:
+    ranks = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an update takes every rank's steps
+    if args.total_timesteps < batch_size * ranks:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one update's steps "
-                        f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size})")
+                        f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}"
+                        + (f", x {ranks} ranks" if ranks > 1 else "") + ")")
     if looks_atari(args.env_id):  # ale-py's vector env
         if args.capture_video:
             raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
-        if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
-            raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")
+        envs = max(args.num_envs * ranks, args.eval_episodes)
+        if args.seed + envs >= 2**31:  # one int32 seed per env (of every rank)
+            raise UserError(f"--seed must be less than 2^31 - {envs} for Atari ids")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if args.checkpoint_every < 0:
@@ -390,6 +395,23 @@ def frozen_obs_normalization(envs, stats: dict):
     obs_norm.obs_rms.count = stats["count"]
     obs_norm.update_running_mean = False
     return envs
+
+
+def merge_moments(a: tuple, b: tuple) -> tuple:
+    """(μ, σ², n) of two sets together: δ = μ_B - μ_A, n = n_A + n_B, μ = μ_A + δ n_B/n, σ² = (n_A σ_A² + n_B σ_B² + δ² n_A n_B/n) / n."""
+    (mean_a, var_a, n_a), (mean_b, var_b, n_b) = a, b
+    delta, n = mean_b - mean_a, n_a + n_b
+    return mean_a + delta * n_b / n, (var_a * n_a + var_b * n_b + delta ** 2 * n_a * n_b / n) / n, n
+
+
+def unmerge_moments(total: tuple, a: tuple) -> tuple:
+    """(μ_B, σ²_B, n_B) of what `total` = A ∪ B holds beyond A: `merge_moments` solved for B (zeros if n_B = 0)."""
+    (mean, var, n), (mean_a, var_a, n_a) = total, a
+    n_b = n - n_a
+    if n_b <= 0:
+        return np.zeros_like(mean), np.zeros_like(var), 0.0
+    mean_b = (n * mean - n_a * mean_a) / n_b
+    return mean_b, (n * var - n_a * var_a - (mean_b - mean_a) ** 2 * n_a * n_b / n) / n_b, n_b
 
 
 def running_stats(rms) -> Optional[dict]:
@@ -672,9 +694,10 @@ def advantages(returns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return (returns - values).detach()
 
 
-def normalize_advantages(advantages: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """(A - mean A) / (std A + ε), over one batch."""
-    return (advantages - advantages.mean()) / (advantages.std() + eps)
+def normalize_advantages(advantages: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                         eps: float = 1e-8) -> torch.Tensor:
+    """(A - mean A) / (std A + ε), the mean and std of one batch (all ranks' together: `union_mean_std`)."""
+    return (advantages - mean) / (std + eps)
 
 
 def actor_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -705,6 +728,112 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
     """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant (nan if Var[R]=0)."""
     var_targets = targets.var()
     return float("nan") if var_targets == 0 else float(1 - (targets - predictions).var() / var_targets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes (torchrun): N learners that stay one. Alone, each helper does nothing.
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among torchrun's data-parallel learners: rank 0 of 1 when run alone."""
+    rank: int = 0
+    size: int = 1
+    device: torch.device = torch.device("cpu")  # where the collectives' tensors live (nccl: the GPU)
+
+
+def join_ranks(device: torch.device) -> Ranks:
+    """Under torchrun (WORLD_SIZE > 1), join the process group: gloo on the CPU, nccl on GPUs.
+
+    The rank is RANK, unique across machines; LOCAL_RANK repeats on each machine and only picks the GPU.
+    """
+    size = int(os.environ.get("WORLD_SIZE", 1))
+    if size == 1:
+        return Ranks()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Ranks(int(os.environ["RANK"]), size, device)
+
+
+def leave_ranks(ranks: Ranks) -> None:
+    if ranks.size > 1:
+        dist.destroy_process_group()
+
+
+def average_gradients(agent: nn.Module, ranks: Ranks) -> None:
+    """∇θ ← the mean of the ranks' ∇θ, all parameters in one flat all-reduce: every rank then takes the
+    same optimizer step, so the ranks' θ stay identical (and a NaN on one rank is a NaN on all)."""
+    if ranks.size > 1:
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in agent.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to(ranks.device)
+        dist.all_reduce(flat)
+        flat = (flat / ranks.size).to(grads[0].device)
+        for p, g in zip(agent.parameters(), torch.split(flat, [g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+
+
+def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
+    """Whether any rank was asked to stop (Ctrl-C, SIGTERM): then every rank stops, at the same iteration,
+    and takes the request as its own, so all of them save and exit alike."""
+    if ranks.size > 1:
+        signum = torch.tensor([stop.signum or 0], device=ranks.device)
+        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+        stop.signum = int(signum.item()) or None
+    return stop.requested
+
+
+def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean and (n-1) std of the union of every rank's x: from the ranks' n, Σx, Σx² summed."""
+    if ranks.size == 1:
+        return x.mean(), x.std()
+    sums = torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
+                        x.double().sum(), x.double().square().sum()]).to(ranks.device)
+    dist.all_reduce(sums)
+    n, total, squares = sums.tolist()
+    mean = total / n
+    return x.new_tensor(mean), x.new_tensor(math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1)))
+
+
+class RankStatistics:
+    """Under torchrun, running statistics (the observations', the returns') of every rank's data. The
+    wrappers update them at each step with the rank's own data; after each rollout every rank's
+    moments since the last merge (its statistics less the merged ones: `unmerge_moments`) are
+    gathered and merged in rank order, so every rank starts the next rollout normalising alike."""
+
+    def __init__(self, running: list, ranks: Ranks):
+        self.running, self.ranks = [rms for rms in running if rms is not None], ranks
+        self.merged = [(rms.mean.copy(), rms.var.copy(), rms.count) for rms in self.running]
+
+    def merge(self) -> None:
+        if self.ranks.size == 1:
+            return
+        for i, rms in enumerate(self.running):
+            mean, var, count = unmerge_moments((rms.mean, rms.var, rms.count), self.merged[i])
+            mine = torch.from_numpy(np.concatenate([[count], np.ravel(mean), np.ravel(var)])).to(self.ranks.device)
+            gathered = [torch.empty_like(mine) for _ in range(self.ranks.size)]
+            dist.all_gather(gathered, mine)
+            merged = self.merged[i]
+            for m in (g.cpu().numpy() for g in gathered):
+                if m[0] > 0:  # a rank that took in nothing adds nothing
+                    merged = merge_moments(merged, (m[1:1 + mean.size].reshape(mean.shape),
+                                                    m[1 + mean.size:].reshape(mean.shape), float(m[0])))
+            rms.mean, rms.var, rms.count = merged
+            self.merged[i] = (np.copy(merged[0]), np.copy(merged[1]), merged[2])
+
+
+def gather_episodes(episodes: list, ranks: Ranks) -> list:
+    """Every rank's (return, length) of the episodes that ended, for rank 0 to log."""
+    if ranks.size == 1:
+        return episodes
+    everyone = [None] * ranks.size
+    dist.all_gather_object(everyone, episodes)
+    return [episode for rank_episodes in everyone for episode in rank_episodes]
+
+
+class Silent:
+    """The other ranks' SummaryWriter and status line: rank 0 alone writes logs and prints progress."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -822,9 +951,14 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
 # ---------------------------------------------------------------------------------------------
 
 def select_device(args: Args) -> torch.device:
+    """The CPU, or with --cuda the GPU (under torchrun, the machine's LOCAL_RANK-th)."""
     if args.cuda and not torch.cuda.is_available():
         print(f"{SCRIPT}: warning: --cuda given but no GPU is available; running on the CPU", file=sys.stderr)
-    return torch.device("cuda" if args.cuda and torch.cuda.is_available() else "cpu")
+    if not (args.cuda and torch.cuda.is_available()):
+        return torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(device)
+    return device
 
 
 def seed_everything(args: Args, frames: bool) -> None:
@@ -833,6 +967,8 @@ def seed_everything(args: Args, frames: bool) -> None:
     # (forcing two threads beside two other runs on two cores: 145 SPS on Breakout, against 774 alone).
     if not frames:
         torch.set_num_threads(1)
+    elif "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: the machine's ranks share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -919,12 +1055,17 @@ def make_run_dir(run_name: str, capture_video: bool) -> str:
 ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
 
 
+def speaks() -> bool:
+    """Whether this process prints: alone, or rank 0 under torchrun (whose RANK is set before Python starts)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def report_end(exit_code: int, global_step: int) -> None:
     """Say how training ended and exit with its code: 0, 1 (NaN), 130 (Ctrl-C), 143 (SIGTERM)."""
-    if exit_code == 1:
+    if exit_code == 1 and speaks():
         print(f"{SCRIPT}: error: the loss or its gradient became NaN or infinite at step {global_step}; "
               "stopped before applying it", file=sys.stderr)
-    elif exit_code:
+    elif exit_code and speaks():
         print(f"{SCRIPT}: stopped by {ENDINGS[exit_code]} at step {global_step}")
     if exit_code:
         sys.exit(exit_code)
@@ -935,12 +1076,15 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
-    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video)
     device = select_device(args)
+    ranks = join_ranks(device)
+    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
+    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
     seed_everything(args, frames)
+    seed = args.seed + ranks.rank * args.num_envs  # every env of every rank a seed of its own
 
-    episode_stats = make_envs(args, args.num_envs, run_name)
+    episode_stats = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs,
+                              run_name)
     envs, obs_norm, reward_norm = add_normalization(episode_stats, args.norm_obs and not frames,
                                                     args.norm_reward and not frames, args.gamma)
     obs_shape = envs.single_observation_space.shape
@@ -951,7 +1095,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=0.99, eps=1e-5)
     else:
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=fused)
-    rng = np.random.default_rng(args.seed)
+    rng = np.random.default_rng(seed)
     global_step = 0
     if resume:  # where the checkpoint left off; the envs start new episodes, so the return being
         # scaled (NormalizeReward's accumulator) starts at 0 again, as at any episode's start
@@ -959,43 +1103,50 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         optimizer.load_state_dict(resume["optimizer"])
         restore_running_stats(obs_norm and obs_norm.obs_rms, resume["obs_rms"])
         restore_running_stats(reward_norm and reward_norm.return_rms, resume["return_rms"])
-        restore_rng_states(resume["rng"], rng)
         global_step = resume["global_step"]
+        restore_rng_states(resume["rng"], rng)
+        if ranks.rank > 0:  # the checkpoint holds rank 0's acting draws; the others draw their own
+            rng = np.random.default_rng([seed, global_step])
+    statistics = RankStatistics([obs_norm and obs_norm.obs_rms, reward_norm and reward_norm.return_rms], ranks)
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
     # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
-    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
+    writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
-    batch_size = args.num_envs * args.num_steps
-    num_updates = args.total_timesteps // batch_size
+    batch_size = args.num_envs * args.num_steps  # this rank's; an update takes every rank's
+    num_updates = args.total_timesteps // (batch_size * ranks.size)
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, envs.single_action_space,
                             np.uint8 if frames else np.float32)
-    status = StatusLine(num_updates * batch_size, global_step)
+    first_step = global_step
+    status = StatusLine(num_updates * batch_size * ranks.size, first_step) if ranks.rank == 0 else Silent()
+    recent_returns = deque(maxlen=100)
 
-    def on_episode(returns, lengths):  # at the step count the rollout ends on
-        for r, l in zip(returns, lengths):
-            writer.add_scalar("charts/episodic_return", r, global_step + batch_size)
-            writer.add_scalar("charts/episodic_length", l, global_step + batch_size)
-
-    obs, _ = envs.reset(seed=args.seed)
+    obs, _ = envs.reset(seed=seed)
     after_done = np.zeros(args.num_envs, bool)
     start_time = time.time()
     next_checkpoint = start_time + args.checkpoint_every
     stop = StopRequest()
     exit_code = None  # stays None if anything but the ends below leaves the loop (a crash)
     try:
-        for update in range(global_step // batch_size + 1, num_updates + 1):
-            if stop.requested:  # Ctrl-C or SIGTERM: stop here, between two updates
+        for update in range(global_step // (batch_size * ranks.size) + 1, num_updates + 1):
+            if all_ranks_stop(stop, ranks):  # Ctrl-C or SIGTERM: stop here, between two updates
                 break
             if args.anneal_lr:
                 optimizer.param_groups[0]["lr"] = (1.0 - (update - 1.0) / num_updates) * args.learning_rate
 
             # 1. The N actors take n steps with the current parameters.
             policy = TorchPolicy(agent, rng, device) if frames else NumpyPolicy(agent, rng)
-            obs, after_done = collect_rollout(envs, policy, rollout, obs, after_done, on_episode)
-            global_step += batch_size
+            episodes = []
+            obs, after_done = collect_rollout(envs, policy, rollout, obs, after_done,
+                                              lambda returns, lengths: episodes.extend(zip(returns, lengths)))
+            global_step += batch_size * ranks.size
+            for episodic_return, length in gather_episodes(episodes, ranks):  # every rank's, at the step count
+                writer.add_scalar("charts/episodic_return", episodic_return, global_step)  # the rollout ended on
+                writer.add_scalar("charts/episodic_length", length, global_step)
+                recent_returns.append(episodic_return)
+            statistics.merge()  # the ranks' normalisation statistics, alike for the next rollout
 
             # 2. π_θ(a_t|s_t), its entropy and V(s_t) at the real transitions, in one pass of the network.
             valid = rollout.valid.reshape(-1)
@@ -1013,7 +1164,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             b_returns = torch.from_numpy(returns.reshape(-1)[valid]).to(device)
             b_advantages = advantages(b_returns, values)
             if args.norm_adv:
-                b_advantages = normalize_advantages(b_advantages)
+                b_advantages = normalize_advantages(b_advantages, *union_mean_std(b_advantages, ranks))
             pg_loss = actor_loss(log_probs, b_advantages)
             v_loss = critic_loss(values, b_returns, args.vf_loss)
             entropy_loss = entropy.mean()
@@ -1021,20 +1172,21 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
 
             optimizer.zero_grad()
             loss.backward()
+            average_gradients(agent, ranks)
             clip_gradients(agent, args.max_grad_norm)
             optimizer.step()
 
-            if update % LOG_EVERY == 0 or update == num_updates:
+            if update % LOG_EVERY == 0 or update == num_updates:  # under torchrun, rank 0's batch
                 writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
                 writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
                 writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
                 writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
                 writer.add_scalar("losses/explained_variance", explained_variance(values.detach(), b_returns),
                                   global_step)
-                writer.add_scalar("charts/SPS", int((global_step - status.first_step) / (time.time() - start_time)),
+                writer.add_scalar("charts/SPS", int((global_step - first_step) / (time.time() - start_time)),
                                   global_step)
-                status.update(global_step, episode_stats.return_queue)
-            if args.save_model and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
+                status.update(global_step, recent_returns)
+            if args.save_model and ranks.rank == 0 and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
                 writer.flush()  # the logs up to the checkpoint reach the disk with it
                 save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_norm,
                                 reward_norm, rng)
@@ -1044,14 +1196,15 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         exit_code = 1
     finally:  # every way out, a crash included: keep what was learned, close the logs
         stop.restore()
-        status.update(global_step, episode_stats.return_queue, force=True)
+        status.update(global_step, recent_returns, force=True)
         status.close()
-        if args.save_model:
+        if args.save_model and ranks.rank == 0:
             save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_norm, reward_norm,
                             rng)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
+        leave_ranks(ranks)
     report_end(exit_code, global_step)
 
 
@@ -1107,7 +1260,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        if speaks():  # under torchrun every rank finds the same mistake: one line, not N
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
         print(f"{SCRIPT}: interrupted", file=sys.stderr)

@@ -15,7 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (ROOT, Counter, ScriptedAtari, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags, run_main,
+from conftest import (ROOT, Counter, ScriptedAtari, finish_ranks, interrupt_script, join_gloo, run_ranks, start_ranks, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags, run_main,
                       run_script)
 
 
@@ -89,9 +89,21 @@ def test_advantages_are_constants():
 def test_normalize_advantages():
     # mean 2, sample std 1 → (-1, 0, 1); and 10·A + 5 = (15, 25, 35): mean 25, std 10 → (-1, 0, 1) again,
     # so with --norm-adv the actor's step does not depend on the scale of the returns.
-    torch.testing.assert_close(a2c.normalize_advantages(torch.tensor([1.0, 2.0, 3.0])), torch.tensor([-1.0, 0.0, 1.0]))
-    torch.testing.assert_close(a2c.normalize_advantages(torch.tensor([15.0, 25.0, 35.0])),
-                               torch.tensor([-1.0, 0.0, 1.0]))
+    for a in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([15.0, 25.0, 35.0])):
+        torch.testing.assert_close(a2c.normalize_advantages(a, a.mean(), a.std()), torch.tensor([-1.0, 0.0, 1.0]))
+
+
+def test_merge_and_unmerge_moments_by_hand():
+    # A = {1, 3}: mean 2, variance 1. B = {5, 7, 9}: mean 7, variance 8/3. Together {1, 3, 5, 7, 9}:
+    # mean 5, variance (16 + 4 + 0 + 4 + 16) / 5 = 8. Merge: δ = 5, μ = 2 + 5·3/5 = 5,
+    # σ² = (2·1 + 3·8/3 + 25·2·3/5) / 5 = (2 + 8 + 30) / 5 = 8.
+    a, b = (np.array([2.0]), np.array([1.0]), 2.0), (np.array([7.0]), np.array([8 / 3]), 3.0)
+    mean, var, n = a2c.merge_moments(a, b)
+    assert (mean[0], var[0], n) == pytest.approx((5.0, 8.0, 5.0))
+    # And back: what the five hold beyond A is B.
+    mean, var, n = a2c.unmerge_moments((np.array([5.0]), np.array([8.0]), 5.0), a)
+    assert (mean[0], var[0], n) == pytest.approx((7.0, 8 / 3, 3.0))
+    assert a2c.unmerge_moments((np.array([5.0]), np.array([8.0]), 5.0), (np.array([5.0]), np.array([8.0]), 5.0))[2] == 0
 
 
 def test_actor_loss():
@@ -869,3 +881,81 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
     assert out.returncode == 0, out.stderr
     one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(tmp_path / "old.pt")), "a2c.py",
                    "written before --resume existed")
+
+
+# ---------------------------------------------------------------------------------------------
+# Many processes (torchrun): the ranks are one learner
+# ---------------------------------------------------------------------------------------------
+
+def train_as_rank(rank, cwd, argv):
+    """A rank of a torchrun job: the script's main, in `cwd`; returns its exit code and final parameters."""
+    os.chdir(cwd)
+    made = []
+
+    class Recorded(a2c.ActorCritic):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    a2c.ActorCritic = Recorded
+    try:
+        a2c.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
+
+
+def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
+    # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
+    argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "4", "--num-steps", "16", "--learning-rate", "3e-3",
+            "--total-timesteps", "8192", "--save-model"]
+    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    assert code0 == code1 == 0
+    assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
+    (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["global_step"] == 8192 and all(torch.equal(ckpt["model"][name], rank0[name]) for name in rank0)
+    # Every observation of both ranks reached the merged statistics: the 2 x 4 first ones and one a step.
+    assert ckpt["obs_rms"]["count"] == pytest.approx(8200, abs=1e-3)
+    returns = read_tags(run)[0]["charts/episodic_return"]
+    assert len(returns) == 4096  # both ranks' episodes: 8192 steps, every other one a reset step
+    assert np.mean(returns[-100:]) > 0.9  # learned, from 4096 steps of each rank
+
+
+def statistics_as_rank(rank):
+    """Each rank's running statistics take in data of their own for two rollouts, merged after each."""
+    join_gloo()
+    rms = gym.wrappers.utils.RunningMeanStd(shape=(2,))
+    statistics = a2c.RankStatistics([rms, None], a2c.Ranks(rank, 2))
+    data = np.arange(12.0).reshape(6, 2) * (rank + 1) + 10 * rank  # rank 1's: shifted and wider
+    for rollout in (data[:3], data[3:]):
+        rms.update(rollout)
+        statistics.merge()
+    return rms.mean, rms.var, rms.count
+
+
+def test_merged_running_statistics_are_those_of_the_union(tmp_path):
+    union = np.concatenate([np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) * 2 + 10])
+    ranks = run_ranks(statistics_as_rank, 2, tmp_path=tmp_path)
+    for mean, var, count in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
+        np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
+        np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
+        assert count == pytest.approx(12, abs=1e-3)
+    assert all(np.array_equal(a, b) for a, b in zip(ranks[0], ranks[1]))
+
+
+def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
+    argv = ["--env-id", "CartPole-v1", "--total-timesteps", "100000000", "--save-model"]
+    started = start_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(b"charts/SPS" in e.read_bytes() for e in tmp_path.glob("runs/*/events.*")):
+        time.sleep(0.2)
+    os.kill(started[0].processes[1].pid, signal.SIGTERM)  # rank 1 only, as a scheduler might
+    (code0, rank0), (code1, rank1) = finish_ranks(started)
+    assert code0 == code1 == 143  # both took it as theirs
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    update = 2 * ckpt["args"]["num_envs"] * ckpt["args"]["num_steps"]
+    assert 0 < ckpt["global_step"] < 100_000_000 and ckpt["global_step"] % update == 0
+    assert all(torch.equal(ckpt["model"][name], rank0[name]) and torch.equal(rank1[name], rank0[name]) for name in rank0)
