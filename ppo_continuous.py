@@ -570,8 +570,13 @@ def join_ranks(device: torch.device) -> Ranks:
     size = int(os.environ.get("WORLD_SIZE", 1))
     if size == 1:
         return Ranks()
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(int(os.environ["RANK"]), size, device)
+    # Keys of this attempt only: when torchrun restarts the ranks (--max-restarts) its store still holds
+    # the dead attempt's addresses, and a new rank that read one first failed to connect (measured here).
+    store, rank, size = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=size,
+                            store=dist.PrefixStore(f"attempt-{attempt}", store))
+    return Ranks(rank, size, device)
 
 
 def leave_ranks(ranks: Ranks) -> None:
@@ -646,6 +651,32 @@ def gather_episodes(episodes: list, ranks: Ranks) -> list:
     everyone = [None] * ranks.size
     dist.all_gather_object(everyone, episodes)
     return [episode for rank_episodes in everyone for episode in rank_episodes]
+
+
+def restart_marker() -> Optional[str]:
+    """Where a torchrun job notes its run directory for its restarts: runs/.torchrun-ID, ID being torchrun's
+    --rdzv-id (with --standalone, one of its own per launch; without either, "none")."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return f"runs/.torchrun-{run_id}" if run_id else None
+
+
+def note_run_dir(run_dir: str, ranks: Ranks) -> None:
+    """Rank 0 notes the run directory, so that ranks torchrun restarts (--max-restarts) resume it."""
+    if ranks.rank == 0 and restart_marker():
+        os.makedirs(os.path.dirname(restart_marker()), exist_ok=True)
+        with open(restart_marker(), "w") as f:
+            f.write(run_dir)
+
+
+def restarted_run() -> Optional[str]:
+    """After torchrun restarted the ranks (a rank died; --max-restarts), the run to resume: the one the
+    first attempt noted, if it wrote a checkpoint (else the job starts again from scratch)."""
+    marker = restart_marker()
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) == 0 or not (marker and os.path.isfile(marker)):
+        return None
+    with open(marker) as f:
+        run_dir = f.read().strip()
+    return run_dir if os.path.isfile(os.path.join(run_dir, "model.pt")) else None
 
 
 class Silent:
@@ -895,6 +926,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
     # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
+    note_run_dir(run_dir, ranks)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
 
@@ -1031,8 +1063,9 @@ def evaluate(args: Args) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     try:
-        if args.resume:
-            train(*resumed_args(argv, args.resume))
+        resume = args.resume or restarted_run()  # torchrun's restart of a job resumes its run
+        if resume:
+            train(*resumed_args(argv, resume))
         else:
             evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:

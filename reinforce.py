@@ -87,6 +87,9 @@ class NonFiniteLoss(Exception):
 
 
 def check_args(args: Args) -> None:
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: N copies would train N unrelated agents
+        raise UserError("runs in one process; for data-parallel ranks under torchrun use a2c.py, ppo.py "
+                        "or ppo_continuous.py")
     for name, value in asdict(args).items():  # NaN slips through every comparison below
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
@@ -689,7 +692,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:
-        print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
+            print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
         print(f"{SCRIPT}: interrupted", file=sys.stderr)

@@ -971,5 +971,44 @@ def test_under_torchrun_rank_0_alone_speaks(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("model saved to runs/") == 1 and out.stdout.count("step 512/512") >= 1
-    (run,) = (tmp_path / "runs").iterdir()
+    (run,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]  # and runs/.torchrun-none, for restarts
     assert read_steps(run, "charts/SPS")[-1] == 512  # 4 iterations of 2 ranks x 64 steps
+
+
+def rank_pid(launcher_pid, rank, timeout=60):
+    """The pid of torchrun's worker `rank` (Linux: its children, by the RANK in their environment)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for pid in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    environ = f.read().split(b"\0")
+            except (OSError, ValueError):
+                continue
+            if parent == launcher_pid and f"RANK={rank}".encode() in environ:
+                return int(pid)
+        time.sleep(0.2)
+    raise AssertionError(f"no rank {rank} under torchrun (pid {launcher_pid})")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds torchrun's workers in /proc")
+def test_torchrun_restarts_a_job_whose_rank_died_from_its_last_checkpoint(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "--max-restarts", "1", str(ROOT / "ppo_continuous.py"), "--env-id", "Pendulum-v1",
+                             "--num-steps", "64", "--num-minibatches", "2", "--total-timesteps", "16384",
+                             "--save-model", "--checkpoint-every", "0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = rank_pid(proc.pid, 1)
+    deadline = time.time() + 60
+    while time.time() < deadline and not list(tmp_path.glob("runs/*/model.pt")):
+        time.sleep(0.1)
+    os.kill(victim, signal.SIGKILL)  # no time to save: the group dies and torchrun starts it again
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    (run,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]  # the restart resumed it: no second run
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["global_step"] == 16384
+    steps = read_steps(run, "charts/SPS")
+    assert steps == sorted(set(steps)) and steps[-1] == 16384  # one curve, no step twice, to the end

@@ -662,3 +662,9 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
     assert out.returncode == 0, out.stderr
     one_line_error(run_main(reinforce, tmp_path, capsys, "--resume", str(tmp_path / "old.pt")), "reinforce.py",
                    "written before --resume existed")
+
+
+def test_under_torchrun_it_says_it_runs_in_one_process(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--env-id", "CartPole-v1"), "reinforce.py",
+                   "runs in one process", "torchrun")
