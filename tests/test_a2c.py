@@ -932,17 +932,19 @@ def statistics_as_rank(rank):
     for rollout in (data[:3], data[3:]):
         rms.update(rollout)
         statistics.merge()
-    return rms.mean, rms.var, rms.count
+    return rms.mean, rms.var, rms.count, a2c.union_mean_std(torch.from_numpy(data[:, 0]).float(), a2c.Ranks(rank, 2))
 
 
 def test_merged_running_statistics_are_those_of_the_union(tmp_path):
     union = np.concatenate([np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) * 2 + 10])
     ranks = run_ranks(statistics_as_rank, 2, tmp_path=tmp_path)
-    for mean, var, count in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
+    for mean, var, count, (m, s) in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
         np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
         np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
         assert count == pytest.approx(12, abs=1e-3)
-    assert all(np.array_equal(a, b) for a, b in zip(ranks[0], ranks[1]))
+        # The advantages' normalisation takes the union's mean and (n-1) std too.
+        assert (m.item(), s.item()) == pytest.approx((union[:, 0].mean(), union[:, 0].std(ddof=1)), rel=1e-6)
+    assert all(np.array_equal(a, b) for a, b in zip(ranks[0][:3], ranks[1][:3]))
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
