@@ -754,11 +754,14 @@ def mean_over_ranks(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
     """Whether any rank was asked to stop (Ctrl-C, SIGTERM): then every rank stops, at the same iteration,
     and takes the request as its own, so all of them save and exit alike."""
-    if ranks.size > 1:
-        signum = torch.tensor([stop.signum or 0], device=ranks.device)
-        dist.all_reduce(signum, op=dist.ReduceOp.MAX)
-        stop.signum = int(signum.item()) or None
-    return stop.requested
+    if ranks.size == 1:
+        return stop.requested
+    signum = torch.tensor([stop.signum or 0], device=ranks.device)
+    dist.all_reduce(signum, op=dist.ReduceOp.MAX)
+    agreed = int(signum.item())  # a signal landing after the tensor was made waits for the next iteration
+    if agreed and not stop.requested:
+        stop.signum = agreed
+    return agreed > 0
 
 
 def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:

@@ -269,7 +269,9 @@ def free_port():
 def _rank_main(rank, world, port, out_dir, fn, args):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import faulthandler
     import torch
+    faulthandler.register(signal.SIGUSR1)  # finish_ranks asks a rank that hangs where it is
     torch.set_num_threads(1)
     torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
 
@@ -284,13 +286,17 @@ def start_ranks(fn, world, *args, tmp_path):
     return mp.spawn(_rank_main, args=(world, free_port(), str(out_dir), fn, args), nprocs=world, join=False), out_dir
 
 
-def finish_ranks(started, timeout=120):
+def finish_ranks(started, timeout=60):
     """What each rank returned; a rank left waiting (a collective another rank never joined) fails the test."""
     import torch
     context, out_dir = started
     deadline = time.time() + timeout
     while not context.join(timeout=1):
         if time.time() > deadline:
+            for p in context.processes:  # each rank's Python stack to stderr, then an end
+                if p.is_alive():
+                    os.kill(p.pid, signal.SIGUSR1)
+            time.sleep(1)
             for p in context.processes:
                 p.kill()
             pytest.fail(f"the ranks did not finish within {timeout} s")
@@ -306,3 +312,39 @@ def join_gloo(seconds=20):
     from datetime import timedelta
     import torch.distributed as dist
     dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
+
+
+def train_as_rank(rank, script, network, cwd, argv):
+    """A rank of a torchrun job: `script`'s main (a module name), in `cwd`; returns its exit code and the
+    final parameters of the `network` (a class name) it trained."""
+    import importlib
+    module = importlib.import_module(script)
+    os.chdir(cwd)
+    made = []
+
+    class Recorded(getattr(module, network)):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    setattr(module, network, Recorded)
+    try:
+        module.main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
+
+
+def stop_one_rank(script, network, argv, tmp_path):
+    """Two ranks training; once rank 0 has logged, SIGTERM to rank 1 alone, as a scheduler might.
+    Returns what each rank returned (its exit code, its parameters) and the run's checkpoint."""
+    import torch
+    started = start_ranks(train_as_rank, 2, script, network, str(tmp_path), argv, tmp_path=tmp_path)
+    deadline = time.time() + 60
+    while time.time() < deadline and not any(b"charts/SPS" in e.read_bytes() for e in tmp_path.glob("runs/*/events.*")):
+        time.sleep(0.2)
+    os.kill(started[0].processes[1].pid, signal.SIGTERM)
+    ranks = finish_ranks(started)
+    (run,) = (tmp_path / "runs").iterdir()
+    return ranks, torch.load(run / "model.pt", weights_only=True)

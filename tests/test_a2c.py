@@ -15,8 +15,9 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (ROOT, Counter, ScriptedAtari, finish_ranks, interrupt_script, join_gloo, run_ranks, start_ranks, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags, run_main,
-                      run_script)
+from conftest import (ROOT, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
+                      one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
+                      stop_one_rank, train_as_rank)
 
 
 def cols(rows, dtype=np.float32):
@@ -887,30 +888,11 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
 # Many processes (torchrun): the ranks are one learner
 # ---------------------------------------------------------------------------------------------
 
-def train_as_rank(rank, cwd, argv):
-    """A rank of a torchrun job: the script's main, in `cwd`; returns its exit code and final parameters."""
-    os.chdir(cwd)
-    made = []
-
-    class Recorded(a2c.ActorCritic):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    a2c.ActorCritic = Recorded
-    try:
-        a2c.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
-
-
 def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
     argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "4", "--num-steps", "16", "--learning-rate", "3e-3",
             "--total-timesteps", "8192", "--save-model"]
-    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "a2c", "ActorCritic", str(tmp_path), argv, tmp_path=tmp_path)
     assert code0 == code1 == 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
     (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
@@ -949,15 +931,8 @@ def test_merged_running_statistics_are_those_of_the_union(tmp_path):
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     argv = ["--env-id", "CartPole-v1", "--total-timesteps", "100000000", "--save-model"]
-    started = start_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(b"charts/SPS" in e.read_bytes() for e in tmp_path.glob("runs/*/events.*")):
-        time.sleep(0.2)
-    os.kill(started[0].processes[1].pid, signal.SIGTERM)  # rank 1 only, as a scheduler might
-    (code0, rank0), (code1, rank1) = finish_ranks(started)
-    assert code0 == code1 == 143  # both took it as theirs
-    (run,) = (tmp_path / "runs").iterdir()
-    ckpt = torch.load(run / "model.pt", weights_only=True)
+    ((code0, rank0), (code1, rank1)), ckpt = stop_one_rank("a2c", "ActorCritic", argv, tmp_path)
+    assert code0 == code1 == 143  # both took rank 1's SIGTERM as their own
     update = 2 * ckpt["args"]["num_envs"] * ckpt["args"]["num_steps"]
     assert 0 < ckpt["global_step"] < 100_000_000 and ckpt["global_step"] % update == 0
     assert all(torch.equal(ckpt["model"][name], rank0[name]) and torch.equal(rank1[name], rank0[name]) for name in rank0)

@@ -17,8 +17,9 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import (ROOT, Counter, ScriptedAtari, finish_ranks, interrupt_script, join_gloo, run_ranks, start_ranks, make_runs_unwritable, one_line_error, read_steps, read_tags, run_main,
-                      run_script)
+from conftest import (ROOT, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_line_error,
+                      read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank,
+                      train_as_rank)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -952,30 +953,11 @@ def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, cap
 # Many processes (torchrun): the ranks are one learner
 # ---------------------------------------------------------------------------------------------
 
-def train_as_rank(rank, cwd, argv):
-    """A rank of a torchrun job: the script's main, in `cwd`; returns its exit code and final parameters."""
-    os.chdir(cwd)
-    made = []
-
-    class Recorded(ppo.Agent):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    ppo.Agent = Recorded
-    try:
-        ppo.main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
-
-
 def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
     argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "4096",
             "--save-model"]
-    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "ppo", "Agent", str(tmp_path), argv, tmp_path=tmp_path)
     assert code0 == code1 == 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
     (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
@@ -1025,14 +1007,7 @@ def test_the_kl_stop_is_taken_by_all_ranks_together(two_ranks):
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     argv = ["--env-id", "CartPole-v1", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "100000000",
             "--save-model"]
-    started = start_ranks(train_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
-    deadline = time.time() + 60
-    while time.time() < deadline and not any(b"charts/SPS" in e.read_bytes() for e in tmp_path.glob("runs/*/events.*")):
-        time.sleep(0.2)
-    os.kill(started[0].processes[1].pid, signal.SIGTERM)  # rank 1 only, as a scheduler might
-    (code0, rank0), (code1, rank1) = finish_ranks(started)
-    assert code0 == code1 == 143  # both took it as theirs
-    (run,) = (tmp_path / "runs").iterdir()
-    ckpt = torch.load(run / "model.pt", weights_only=True)
+    ((code0, rank0), (code1, rank1)), ckpt = stop_one_rank("ppo", "Agent", argv, tmp_path)
+    assert code0 == code1 == 143  # both took rank 1's SIGTERM as their own
     assert 0 < ckpt["global_step"] < 100_000_000 and ckpt["global_step"] % 256 == 0
     assert all(torch.equal(ckpt["model"][name], rank0[name]) and torch.equal(rank1[name], rank0[name]) for name in rank0)
