@@ -314,10 +314,13 @@ def join_gloo(seconds=20):
     dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
 
 
-def train_as_rank(rank, script, network, cwd, argv):
+def train_as_rank(rank, script, network, cwd, argv, envs_from=None):
     """A rank of a torchrun job: `script`'s main (a module name), in `cwd`; returns its exit code and the
-    final parameters of the `network` (a class name) it trained."""
+    final parameters of the `network` (a class name) it trained. `envs_from`: a module that registers the
+    env (a test module), imported first."""
     import importlib
+    if envs_from:
+        importlib.import_module(envs_from)
     module = importlib.import_module(script)
     os.chdir(cwd)
     made = []

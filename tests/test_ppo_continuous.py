@@ -845,7 +845,8 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
 def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     argv = ["--env-id", "ContinuousBandit-v0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
             "--learning-rate", "3e-3", "--total-timesteps", "4096", "--no-norm-reward", "--save-model"]
-    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "ppo_continuous", "Agent", str(tmp_path), argv, tmp_path=tmp_path)
+    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "ppo_continuous", "Agent", str(tmp_path), argv,
+                                                    "test_ppo_continuous", tmp_path=tmp_path)
     assert code0 == code1 == 0
     ranks = [rank0, rank1]
     for name in ranks[0]:  # every optimizer step was the same on both: bitwise the same weights
