@@ -172,9 +172,8 @@ def check_args(args: Args) -> None:
     if looks_atari(args.env_id):  # ale-py's vector env
         if args.capture_video:
             raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
-        envs = max(args.num_envs * ranks, args.eval_episodes)
-        if args.seed + envs >= 2**31:  # one int32 seed per env (of every rank)
-            raise UserError(f"--seed must be less than 2^31 - {envs} for Atari ids")
+        if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
+            raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if args.checkpoint_every < 0:
@@ -725,6 +724,14 @@ def join_ranks(device: torch.device) -> Ranks:
     return Ranks(rank, size, device)
 
 
+def rank_seed(seed: int, ranks: Ranks) -> int:
+    """The seed of this rank's envs (seed + i for env i) and action draws: --seed on rank 0, as alone; on the
+    others one drawn from (seed, rank), so no rank repeats rank 0 of another --seed (seed + 1, ...)."""
+    if ranks.rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, ranks.rank]).generate_state(1)[0] >> 2)  # < 2^30: int32 env seeds fit
+
+
 def leave_ranks(ranks: Ranks) -> None:
     if ranks.size > 1:
         dist.destroy_process_group()
@@ -787,8 +794,11 @@ def gather_episodes(episodes: list, ranks: Ranks) -> list:
 
 def restart_marker() -> Optional[str]:
     """Where a torchrun job notes its run directory for its restarts: runs/.torchrun-ID, ID being torchrun's
-    --rdzv-id (with --standalone, one of its own per launch; without either, "none")."""
+    --rdzv-id (with --standalone, one of its own per launch), or without either the launcher's pid, which
+    its restarts keep."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id == "none":
+        run_id = f"pid{os.getppid()}"
     return f"runs/.torchrun-{run_id}" if run_id else None
 
 
@@ -796,8 +806,9 @@ def note_run_dir(run_dir: str, ranks: Ranks) -> None:
     """Rank 0 notes the run directory, so that ranks torchrun restarts (--max-restarts) resume it."""
     if ranks.rank == 0 and restart_marker():
         os.makedirs(os.path.dirname(restart_marker()), exist_ok=True)
-        with open(restart_marker(), "w") as f:
+        with open(f"{restart_marker()}.tmp", "w") as f:
             f.write(run_dir)
+        os.replace(f"{restart_marker()}.tmp", restart_marker())
 
 
 def restarted_run() -> Optional[str]:
@@ -808,7 +819,7 @@ def restarted_run() -> Optional[str]:
         return None
     with open(marker) as f:
         run_dir = f.read().strip()
-    return run_dir if os.path.isfile(os.path.join(run_dir, "model.pt")) else None
+    return run_dir if run_dir and os.path.isfile(os.path.join(run_dir, "model.pt")) else None
 
 
 class Silent:
@@ -1054,7 +1065,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
     run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
     seed_everything(args, frames)
-    seed = args.seed + ranks.rank * args.num_envs  # every env of every rank a seed of its own
+    seed = rank_seed(args.seed, ranks)
 
     envs = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs, run_name)
     obs_shape, n_actions = envs.single_observation_space.shape, int(envs.single_action_space.n)
@@ -1201,7 +1212,7 @@ def evaluate(args: Args) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     try:
-        resume = args.resume or restarted_run()  # torchrun's restart of a job resumes its run
+        resume = args.resume or (restarted_run() if not args.eval_checkpoint else None)  # torchrun's restarts
         if resume:
             train(*resumed_args(argv, resume))
         else:

@@ -579,6 +579,14 @@ def join_ranks(device: torch.device) -> Ranks:
     return Ranks(rank, size, device)
 
 
+def rank_seed(seed: int, ranks: Ranks) -> int:
+    """The seed of this rank's envs (seed + i for env i) and action draws: --seed on rank 0, as alone; on the
+    others one drawn from (seed, rank), so no rank repeats rank 0 of another --seed (seed + 1, ...)."""
+    if ranks.rank == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, ranks.rank]).generate_state(1)[0] >> 2)  # < 2^30: int32 env seeds fit
+
+
 def leave_ranks(ranks: Ranks) -> None:
     if ranks.size > 1:
         dist.destroy_process_group()
@@ -658,8 +666,11 @@ def gather_episodes(episodes: list, ranks: Ranks) -> list:
 
 def restart_marker() -> Optional[str]:
     """Where a torchrun job notes its run directory for its restarts: runs/.torchrun-ID, ID being torchrun's
-    --rdzv-id (with --standalone, one of its own per launch; without either, "none")."""
+    --rdzv-id (with --standalone, one of its own per launch), or without either the launcher's pid, which
+    its restarts keep."""
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id == "none":
+        run_id = f"pid{os.getppid()}"
     return f"runs/.torchrun-{run_id}" if run_id else None
 
 
@@ -667,8 +678,9 @@ def note_run_dir(run_dir: str, ranks: Ranks) -> None:
     """Rank 0 notes the run directory, so that ranks torchrun restarts (--max-restarts) resume it."""
     if ranks.rank == 0 and restart_marker():
         os.makedirs(os.path.dirname(restart_marker()), exist_ok=True)
-        with open(restart_marker(), "w") as f:
+        with open(f"{restart_marker()}.tmp", "w") as f:
             f.write(run_dir)
+        os.replace(f"{restart_marker()}.tmp", restart_marker())
 
 
 def restarted_run() -> Optional[str]:
@@ -679,7 +691,7 @@ def restarted_run() -> Optional[str]:
         return None
     with open(marker) as f:
         run_dir = f.read().strip()
-    return run_dir if os.path.isfile(os.path.join(run_dir, "model.pt")) else None
+    return run_dir if run_dir and os.path.isfile(os.path.join(run_dir, "model.pt")) else None
 
 
 class Silent:
@@ -904,7 +916,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
     seed_everything(args)
-    seed = args.seed + ranks.rank * args.num_envs  # every env of every rank a seed of its own
+    seed = rank_seed(args.seed, ranks)
 
     envs = make_envs(args.env_id, args.num_envs, seed, args.capture_video and ranks.rank == 0, run_name)
     obs_dim, action_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
@@ -1066,7 +1078,7 @@ def evaluate(args: Args) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
     try:
-        resume = args.resume or restarted_run()  # torchrun's restart of a job resumes its run
+        resume = args.resume or (restarted_run() if not args.eval_checkpoint else None)  # torchrun's restarts
         if resume:
             train(*resumed_args(argv, resume))
         else:

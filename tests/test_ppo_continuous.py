@@ -947,7 +947,7 @@ def test_under_torchrun_rank_0_alone_speaks(tmp_path):
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("model saved to runs/") == 1 and out.stdout.count("step 512/512") >= 1
-    (run,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]  # and runs/.torchrun-none, for restarts
+    (run,) = [d for d in (tmp_path / "runs").iterdir() if d.is_dir()]  # and runs/.torchrun-pidN, for restarts
     assert read_steps(run, "charts/SPS")[-1] == 512  # 4 iterations of 2 ranks x 64 steps
 
 
