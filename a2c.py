@@ -771,6 +771,23 @@ def leave_ranks(ranks: Ranks) -> None:
         dist.destroy_process_group()
 
 
+def start_alike(agent: nn.Module, global_step: int, ranks: Ranks) -> None:
+    """θ ← rank 0's θ on every rank, and every rank at the same step. Built from one seed, the weights
+    agree on one machine; another machine's arithmetic, or an older copy of a checkpoint, could make
+    them differ, and averaged gradients would never bring them back together."""
+    if ranks.size == 1:
+        return
+    device = next(agent.parameters()).device
+    flat = nn.utils.parameters_to_vector(agent.parameters()).detach().to(ranks.device)
+    dist.broadcast(flat, src=0)
+    nn.utils.vector_to_parameters(flat.to(device), agent.parameters())
+    steps = torch.tensor([global_step, -global_step], device=ranks.device)
+    dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+    if steps[0] != -steps[1]:
+        raise RuntimeError(f"the ranks start from different steps ({-steps[1].item()} to {steps[0].item()}): "
+                           "each read another checkpoint")
+
+
 def average_gradients(agent: nn.Module, ranks: Ranks) -> None:
     """∇θ ← the mean of the ranks' ∇θ, all parameters in one flat all-reduce: every rank then takes the
     same optimizer step, so the ranks' θ stay identical (and a NaN on one rank is a NaN on all)."""
@@ -1152,6 +1169,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         restore_rng_states(resume["rng"], rng)
         if ranks.rank > 0:  # the checkpoint holds rank 0's acting draws; the others draw their own
             rng = np.random.default_rng([seed, global_step])
+    start_alike(agent, global_step, ranks)
     statistics = RankStatistics([obs_norm and obs_norm.obs_rms, reward_norm and reward_norm.return_rms], ranks)
 
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none

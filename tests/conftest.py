@@ -314,11 +314,13 @@ def join_gloo(seconds=20):
     dist.init_process_group("gloo", timeout=timedelta(seconds=seconds))
 
 
-def train_as_rank(rank, script, network, cwd, argv, envs_from=None):
+def train_as_rank(rank, script, network, cwd, argv, envs_from=None, rank_1_differs=False):
     """A rank of a torchrun job: `script`'s main (a module name), in `cwd`; returns its exit code and the
     final parameters of the `network` (a class name) it trained. `envs_from`: a module that registers the
-    env (a test module), imported first."""
+    env (a test module), imported first. `rank_1_differs`: rank 1 builds other initial weights, as
+    another machine's arithmetic might."""
     import importlib
+    import torch
     if envs_from:
         importlib.import_module(envs_from)
     module = importlib.import_module(script)
@@ -328,6 +330,10 @@ def train_as_rank(rank, script, network, cwd, argv, envs_from=None):
     class Recorded(getattr(module, network)):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
+            if rank_1_differs and rank == 1:
+                with torch.no_grad():
+                    for p in self.parameters():
+                        p.add_(0.01)
             made.append(self)
 
     setattr(module, network, Recorded)

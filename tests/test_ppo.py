@@ -957,7 +957,9 @@ def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
     argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "4096",
             "--save-model"]
-    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "ppo", "Agent", str(tmp_path), argv, tmp_path=tmp_path)
+    # Rank 1 builds other weights, as another machine's arithmetic might: rank 0's are the ones both start from.
+    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "ppo", "Agent", str(tmp_path), argv, None, True,
+                                               tmp_path=tmp_path)
     assert code0 == code1 == 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
     (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
