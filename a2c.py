@@ -822,7 +822,8 @@ def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.T
     dist.all_reduce(sums)
     n, total, squares = sums.tolist()
     mean = total / n
-    return x.new_tensor(mean), x.new_tensor(math.sqrt(max(squares - n * mean * mean, 0.0) / (n - 1)))
+    var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
+    return x.new_tensor(mean), x.new_tensor(math.sqrt(var))
 
 
 class RankStatistics:
