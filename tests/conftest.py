@@ -21,6 +21,22 @@ def run_script(script, cwd, *argv, timeout=240):
                           text=True, timeout=timeout)
 
 
+def run_twice(script, cwd, *argv, timeout=240):
+    """The same command line twice at once, in cwd/0 and cwd/1 (one core each); each run's episodic returns."""
+    procs = []
+    for i in range(2):
+        os.makedirs(Path(cwd) / str(i), exist_ok=True)
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=Path(cwd) / str(i),
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    returns = []
+    for i, proc in enumerate(procs):
+        _, stderr = proc.communicate(timeout=timeout)
+        assert proc.returncode == 0, stderr
+        (run,) = (Path(cwd) / str(i) / "runs").iterdir()
+        returns.append(read_tags(run)[0]["charts/episodic_return"])
+    return returns
+
+
 def interrupt_script(script, cwd, *argv, timeout=120, signum=signal.SIGINT):
     """Start a run, wait until it has logged charts/SPS (a training iteration), then Ctrl-C it
     (or send it `signum`: SIGTERM is what `kill`, `timeout` and cluster schedulers send)."""
@@ -273,7 +289,10 @@ def _rank_main(rank, world, port, out_dir, fn, args):
     import torch
     faulthandler.register(signal.SIGUSR1)  # finish_ranks asks a rank that hangs where it is
     torch.set_num_threads(1)
-    torch.save(fn(rank, *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    result = fn(rank, *args)
+    if torch.distributed.is_initialized():  # a group left alive can abort the process as it exits
+        torch.distributed.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def start_ranks(fn, world, *args, tmp_path):

@@ -15,7 +15,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (ROOT, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
+from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
                       one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
                       stop_one_rank, train_as_rank)
 
@@ -276,12 +276,7 @@ def test_adam_and_mse_run(tmp_path, capsys):
 
 
 def test_same_seed_same_returns(tmp_path):
-    returns = []
-    for i in range(2):
-        out = run_script("a2c.py", tmp_path / str(i), *SMALL, "--seed", "5")
-        assert out.returncode == 0, out.stderr
-        (run,) = (tmp_path / str(i) / "runs").iterdir()
-        returns.append(read_tags(run)[0]["charts/episodic_return"])
+    returns = run_twice("a2c.py", tmp_path, *SMALL, "--seed", "5")
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
 

@@ -16,7 +16,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import reinforce
-from conftest import (ROOT, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
+from conftest import (ROOT, run_twice, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
                       run_main, run_script)
 
 
@@ -275,12 +275,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
 
 
 def test_same_seed_same_returns(tmp_path):
-    returns = []
-    for i in range(2):
-        out = run_script("reinforce.py", tmp_path / str(i), *SMALL, "--seed", "3")
-        assert out.returncode == 0, out.stderr
-        (run,) = (tmp_path / str(i) / "runs").iterdir()
-        returns.append(read_tags(run)[0]["charts/episodic_return"])
+    returns = run_twice("reinforce.py", tmp_path, *SMALL, "--seed", "3")
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
 
