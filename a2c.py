@@ -164,11 +164,11 @@ def check_args(args: Args) -> None:
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     batch_size = args.num_envs * args.num_steps
-    ranks = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an update takes every rank's steps
-    if args.total_timesteps < batch_size * ranks:
+    world_size = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an update takes every rank's steps
+    if args.total_timesteps < batch_size * world_size:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one update's steps "
                         f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}"
-                        + (f", x {ranks} ranks" if ranks > 1 else "") + ")")
+                        + (f", x {world_size} ranks" if world_size > 1 else "") + ")")
     if looks_atari(args.env_id):  # ale-py's vector env
         if args.capture_video:
             raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
@@ -1019,7 +1019,11 @@ def select_device(args: Args) -> torch.device:
         print(f"{SCRIPT}: warning: --cuda given but no GPU is available; running on the CPU", file=sys.stderr)
     if not (args.cuda and torch.cuda.is_available()):
         return torch.device("cpu")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if local_rank >= torch.cuda.device_count():  # torchrun --nproc-per-node N with fewer than N GPUs
+        raise UserError(f"--cuda: this rank needs GPU {local_rank} (LOCAL_RANK), but the machine has "
+                        f"{torch.cuda.device_count()}: start at most that many ranks per machine")
+    device = torch.device("cuda", local_rank)
     torch.cuda.set_device(device)
     return device
 

@@ -975,3 +975,12 @@ def test_torchrun_restarts_a_job_whose_rank_died_from_its_last_checkpoint(tmp_pa
     assert ckpt["global_step"] == 8192
     steps = read_steps(run, "charts/SPS")
     assert steps == sorted(set(steps)) and steps[-1] == 8192  # one curve, no step twice, to the end
+
+
+def test_more_ranks_than_gpus_is_one_line(tmp_path, capsys, monkeypatch):
+    # torchrun --nproc-per-node 2 --cuda on a machine with one GPU: rank 1 would ask for GPU 1.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--cuda"), "ppo_continuous.py",
+                   "needs GPU 1 (LOCAL_RANK)", "has 1")
