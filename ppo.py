@@ -654,6 +654,18 @@ class Batch:
     valid: torch.Tensor
 
 
+def shuffled_minibatches(transitions: torch.Tensor, advantages: torch.Tensor, num_minibatches: int, epochs: int,
+                         ranks: "Ranks"):
+    """Each epoch a new shuffle of the transitions' indices into minibatches: (indices, mean Â, std Â) for each,
+    the mean and std those of the minibatch's advantages together with the other ranks' same-numbered
+    minibatches. One all-reduce per epoch brings every minibatch's moments, not one per minibatch."""
+    for _ in range(epochs):
+        minibatches = torch.tensor_split(transitions[torch.randperm(len(transitions), device=transitions.device)],
+                                         num_minibatches)
+        moments = union_mean_std([advantages[mb] for mb in minibatches], ranks)
+        yield from ((mb, mean, std) for mb, (mean, std) in zip(minibatches, moments))
+
+
 def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, ranks: "Ranks") -> dict:
     """Optimise L for K epochs over shuffled minibatches of the real transitions; θ changes, θ_old does not.
 
@@ -662,11 +674,9 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
     torchrun a minibatch is the union of the ranks' minibatches: its advantages are normalised
     together, its gradient is the mean of theirs, and its KL, which may stop the epochs, theirs.
     """
-    minibatches = (mb for _ in range(args.update_epochs)  # each epoch a new shuffle
-                   for mb in torch.tensor_split(batch.valid[torch.randperm(len(batch.valid), device=batch.valid.device)],
-                                                args.num_minibatches))
     clipfracs = []
-    for mb in minibatches:
+    for mb, adv_mean, adv_std in shuffled_minibatches(batch.valid, batch.advantages, args.num_minibatches,
+                                                      args.update_epochs, ranks):
         newlogprob, entropy, newvalue = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
         logratio = newlogprob - batch.logprobs[mb]
         ratio = logratio.exp()
@@ -676,7 +686,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
 
         mb_advantages = batch.advantages[mb]
         if args.norm_adv:
-            mb_advantages = normalize_advantages(mb_advantages, *union_mean_std(mb_advantages, ranks))
+            mb_advantages = normalize_advantages(mb_advantages, adv_mean, adv_std)
         pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
         v_loss = value_loss(newvalue, batch.values[mb], batch.returns[mb],
                             args.clip_coef if args.clip_vloss else None)
@@ -685,10 +695,10 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
 
         optimizer.zero_grad()
         loss.backward()
-        average_gradients(agent, ranks)
+        kl = average_gradients(agent, ranks, kl)  # and the ranks' mean KL, in the same all-reduce
         clip_gradients(agent, args.max_grad_norm)
         optimizer.step()
-        if args.target_kl is not None and mean_over_ranks(kl, ranks) > args.target_kl:
+        if args.target_kl is not None and kl > args.target_kl:
             break  # π_θ has moved far enough from π_θold: no more steps, this epoch or the next
     return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
             "old_approx_kl": old_kl.item(), "approx_kl": kl.item(),
@@ -754,25 +764,21 @@ def start_alike(agent: nn.Module, global_step: int, ranks: Ranks) -> None:
                            "each read another checkpoint")
 
 
-def average_gradients(agent: nn.Module, ranks: Ranks) -> None:
+def average_gradients(agent: nn.Module, ranks: Ranks, kl: torch.Tensor) -> torch.Tensor:
     """∇θ ← the mean of the ranks' ∇θ, all parameters in one flat all-reduce: every rank then takes the
-    same optimizer step, so the ranks' θ stay identical (and a NaN on one rank is a NaN on all)."""
-    if ranks.size > 1:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in agent.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads]).to(ranks.device)
-        dist.all_reduce(flat)
-        flat = (flat / ranks.size).to(grads[0].device)
-        for p, g in zip(agent.parameters(), torch.split(flat, [g.numel() for g in grads])):
-            p.grad = g.view_as(p)
-
-
-def mean_over_ranks(x: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """The mean of a scalar over the ranks: a decision taken on it is the same on every rank."""
+    same optimizer step, so the ranks' θ stay identical (and a NaN on one rank is a NaN on all). The KL
+    estimate rides in the same all-reduce, and its mean over the ranks comes back, so the --target-kl
+    stop is one decision taken by all: a second collective per gradient step would cost as much again."""
     if ranks.size == 1:
-        return x
-    total = x.detach().reshape(1).to(ranks.device, torch.float64)
-    dist.all_reduce(total)
-    return (total / ranks.size).to(x.device, x.dtype)[0]
+        return kl
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in agent.parameters()]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [kl.detach().reshape(1).to(grads[0].dtype)]).to(ranks.device)
+    dist.all_reduce(flat)
+    flat = (flat / ranks.size).to(grads[0].device)
+    *flat_grads, mean_kl = torch.split(flat, [g.numel() for g in grads] + [1])
+    for p, g in zip(agent.parameters(), flat_grads):
+        p.grad = g.view_as(p)
+    return mean_kl[0].to(kl.dtype)
 
 
 def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
@@ -788,17 +794,20 @@ def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
     return agreed > 0
 
 
-def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and (n-1) std of the union of every rank's x: from the ranks' n, Σx, Σx² summed."""
+def union_mean_std(xs: list[torch.Tensor], ranks: Ranks) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """For each x in xs, the mean and (n-1) std of the union of every rank's x (the ranks' xs match up one
+    to one): from the ranks' n, Σx, Σx² summed, all of xs in one all-reduce."""
     if ranks.size == 1:
-        return x.mean(), x.std()
-    sums = torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
-                        x.double().sum(), x.double().square().sum()]).to(ranks.device)
+        return [(x.mean(), x.std()) for x in xs]
+    sums = torch.stack([torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
+                                     x.double().sum(), x.double().square().sum()]) for x in xs]).to(ranks.device)
     dist.all_reduce(sums)
-    n, total, squares = sums.tolist()
-    mean = total / n
-    var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
-    return x.new_tensor(mean), x.new_tensor(math.sqrt(var))
+    moments = []
+    for x, (n, total, squares) in zip(xs, sums.tolist()):
+        mean = total / n
+        var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
+        moments.append((x.new_tensor(mean), x.new_tensor(math.sqrt(var))))
+    return moments
 
 
 def gather_episodes(episodes: list, ranks: Ranks) -> list:

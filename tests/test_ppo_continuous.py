@@ -877,7 +877,7 @@ def collectives_as_rank(rank):
     rms = pc.RunningMeanStd((2,))
     rms.update(data, ranks)
     out["rms"] = (rms.mean, rms.var, rms.count)
-    out["mean_std"] = pc.union_mean_std(torch.from_numpy(data[:, 0]).float(), ranks)
+    out["mean_std"] = pc.union_mean_std([torch.from_numpy(data[:, 0]).float()], ranks)[0]
     # (d) rank 0's old log-probabilities 0.5 too high: its KL estimate is e^-0.5 - 1 + 0.5 = 0.107 from the
     # first minibatch, rank 1's is 0 there (θ = θ_old); their mean, 0.053, passes --target-kl 0.01.
     if rank == 0:
