@@ -732,6 +732,31 @@ def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> floa
 
 
 # ---------------------------------------------------------------------------------------------
+# The update: one gradient step on L per rollout
+# ---------------------------------------------------------------------------------------------
+
+def a2c_update(agent: nn.Module, optimizer: torch.optim.Optimizer, log_probs: torch.Tensor, entropy: torch.Tensor,
+               values: torch.Tensor, returns: torch.Tensor, args: Args, ranks: "Ranks") -> dict:
+    """One gradient step on L = L^A + c_v L^C - c_e H, from log π_θ(a_t|s_t), its entropy and V(s_t) at the
+    batch's transitions (still attached to θ) and their n-step returns R_t. Under torchrun the batch is the
+    union of the ranks': its advantages are normalised together, its gradient is the mean of theirs."""
+    b_advantages = advantages(returns, values)
+    if args.norm_adv:
+        b_advantages = normalize_advantages(b_advantages, *union_mean_std(b_advantages, ranks))
+    pg_loss = actor_loss(log_probs, b_advantages)
+    v_loss = critic_loss(values, returns, args.vf_loss)
+    entropy_loss = entropy.mean()
+    loss = a2c_loss(pg_loss, v_loss, entropy_loss, args.vf_coef, args.ent_coef)
+
+    optimizer.zero_grad()
+    loss.backward()
+    average_gradients(agent, ranks)
+    clip_gradients(agent, args.max_grad_norm)
+    optimizer.step()
+    return {"policy_loss": pg_loss.detach(), "value_loss": v_loss.detach(), "entropy": entropy_loss.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
 # Many processes (torchrun): N learners that stay one. Alone, each helper does nothing.
 # ---------------------------------------------------------------------------------------------
 
@@ -1233,25 +1258,12 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
 
             # 4. One gradient step on L = L^A + c_v L^C - c_e H over the batch's real transitions.
             b_returns = torch.from_numpy(returns.reshape(-1)[valid]).to(device)
-            b_advantages = advantages(b_returns, values)
-            if args.norm_adv:
-                b_advantages = normalize_advantages(b_advantages, *union_mean_std(b_advantages, ranks))
-            pg_loss = actor_loss(log_probs, b_advantages)
-            v_loss = critic_loss(values, b_returns, args.vf_loss)
-            entropy_loss = entropy.mean()
-            loss = a2c_loss(pg_loss, v_loss, entropy_loss, args.vf_coef, args.ent_coef)
-
-            optimizer.zero_grad()
-            loss.backward()
-            average_gradients(agent, ranks)
-            clip_gradients(agent, args.max_grad_norm)
-            optimizer.step()
+            losses = a2c_update(agent, optimizer, log_probs, entropy, values, b_returns, args, ranks)
 
             if update % LOG_EVERY == 0 or update == num_updates:  # under torchrun, rank 0's batch
                 writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
-                writer.add_scalar("losses/policy_loss", pg_loss.item(), global_step)
-                writer.add_scalar("losses/value_loss", v_loss.item(), global_step)
-                writer.add_scalar("losses/entropy", entropy_loss.item(), global_step)
+                for name, value in losses.items():
+                    writer.add_scalar(f"losses/{name}", value.item(), global_step)
                 writer.add_scalar("losses/explained_variance", explained_variance(values.detach(), b_returns),
                                   global_step)
                 writer.add_scalar("charts/SPS", int((global_step - first_step) / (time.time() - start_time)),

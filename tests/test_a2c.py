@@ -904,21 +904,49 @@ def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     assert np.mean(returns[-100:]) > 0.9  # learned, from 4096 steps of each rank
 
 
-def statistics_as_rank(rank):
-    """Each rank's running statistics take in data of their own for two rollouts, merged after each."""
+def half_batch_update(ranks, transitions):
+    """The parameters of a fixed agent after one a2c_update on `transitions` of a fixed batch of 16: plain SGD,
+    unclipped, so the gradient's scale shows; advantages normalised, so their union's moments must be used."""
+    torch.manual_seed(0)
+    agent = a2c.ActorCritic((4,), gym.spaces.Discrete(3))
+    obs, actions, returns = torch.randn(16, 4), torch.randint(0, 3, (16,)), torch.randn(16) * 3
+    args = a2c.Args(norm_adv=True, max_grad_norm=1e9, ent_coef=0.01, vf_coef=0.5)
+    log_probs, entropy, values = agent.evaluate_actions(obs[transitions], actions[transitions])
+    a2c.a2c_update(agent, torch.optim.SGD(agent.parameters(), lr=0.1), log_probs, entropy, values,
+                   returns[transitions], args, ranks)
+    return torch.cat([p.detach().flatten() for p in agent.parameters()])
+
+
+def collectives_as_rank(rank):
+    """(b) one update of this rank's half of a batch; (c) its running statistics, fed data of its own for two
+    rollouts and merged after each, and its share of the advantages' mean and std."""
     join_gloo()
+    ranks = a2c.Ranks(rank, 2)
+    update = half_batch_update(ranks, slice(8 * rank, 8 * (rank + 1)))
     rms = gym.wrappers.utils.RunningMeanStd(shape=(2,))
-    statistics = a2c.RankStatistics([rms, None], a2c.Ranks(rank, 2))
+    statistics = a2c.RankStatistics([rms, None], ranks)
     data = np.arange(12.0).reshape(6, 2) * (rank + 1) + 10 * rank  # rank 1's: shifted and wider
     for rollout in (data[:3], data[3:]):
         rms.update(rollout)
         statistics.merge()
-    return rms.mean, rms.var, rms.count, a2c.union_mean_std(torch.from_numpy(data[:, 0]).float(), a2c.Ranks(rank, 2))
+    return update, (rms.mean, rms.var, rms.count, a2c.union_mean_std(torch.from_numpy(data[:, 0]).float(), ranks))
 
 
-def test_merged_running_statistics_are_those_of_the_union(tmp_path):
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_ranks(collectives_as_rank, 2, tmp_path=tmp_path_factory.mktemp("ranks"))
+
+
+def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
+    alone = half_batch_update(a2c.Ranks(), slice(None))
+    for update, _ in two_ranks:
+        torch.testing.assert_close(update, alone, rtol=0, atol=1e-6)
+    assert torch.equal(two_ranks[0][0], two_ranks[1][0])
+
+
+def test_merged_running_statistics_are_those_of_the_union(two_ranks):
     union = np.concatenate([np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) * 2 + 10])
-    ranks = run_ranks(statistics_as_rank, 2, tmp_path=tmp_path)
+    ranks = [statistics for _, statistics in two_ranks]
     for mean, var, count, (m, s) in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
         np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
         np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
