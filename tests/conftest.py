@@ -91,6 +91,22 @@ def read_steps(run_dir, tag):
     return [e.step for e in ea.Scalars(tag)]
 
 
+def ranks_played_alike(run_dir, ranks=2):
+    """Whether each iteration's logged episodes (rank 0's, then rank 1's, ...: gather_episodes' order) are
+    `ranks` copies of one list, every iteration: the ranks' envs and action draws were seeded alike, so
+    N ranks learned from N copies of one rank's data."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    ea.Reload()
+    by_step = {}
+    for e in ea.Scalars("charts/episodic_return"):
+        by_step.setdefault(e.step, []).append(e.value)
+    def copies(episodes):
+        n = len(episodes) // ranks
+        return len(episodes) % ranks == 0 and all(episodes[i * n:(i + 1) * n] == episodes[:n] for i in range(ranks))
+    return all(copies(episodes) for episodes in by_step.values())
+
+
 def run_main(module, cwd, capsys, *argv):
     """Call `module.main(argv)` in `cwd`, as the command line would; returns (exit code, out, err)."""
     os.makedirs(cwd, exist_ok=True)

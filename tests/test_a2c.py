@@ -17,8 +17,8 @@ from gymnasium.vector import AutoresetMode
 
 import a2c
 from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
-                      one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
-                      stop_one_rank, train_as_rank)
+                      one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script,
+                      ScriptedAtari, stop_one_rank, train_as_rank)
 
 
 def cols(rows, dtype=np.float32):
@@ -902,6 +902,7 @@ def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     returns = read_tags(run)[0]["charts/episodic_return"]
     assert len(returns) == 4096  # both ranks' episodes: 8192 steps, every other one a reset step
     assert np.mean(returns[-100:]) > 0.9  # learned, from 4096 steps of each rank
+    assert not ranks_played_alike(run)  # each rank its own envs and draws (seeded from seed and rank)
 
 
 def half_batch_update(ranks, transitions):

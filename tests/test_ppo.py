@@ -18,8 +18,8 @@ from gymnasium.vector import AutoresetMode
 
 import ppo
 from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_line_error,
-                      read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank,
-                      train_as_rank)
+                      ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
+                      stop_one_rank, train_as_rank)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -963,6 +963,7 @@ def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     returns = read_tags(run)[0]["charts/episodic_return"]
     assert len(returns) == 2048  # both ranks' episodes: 4096 steps, every other one a reset step
     assert np.mean(returns[-100:]) > 0.9  # learned, from 2048 steps of each rank
+    assert not ranks_played_alike(run)  # each rank its own envs and draws (seeded from seed and rank)
 
 
 def collectives_as_rank(rank):

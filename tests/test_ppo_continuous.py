@@ -18,8 +18,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import (ROOT, run_twice, free_port, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
-                      one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, stop_one_rank,
+from conftest import (ROOT, ranks_played_alike, run_twice, free_port, interrupt_script, join_gloo, make_runs_unwritable,
+                      one_hot, one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, stop_one_rank,
                       train_as_rank)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
@@ -852,6 +852,7 @@ def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
     assert all(torch.equal(p, ranks[0][name]) for name, p in agent.named_parameters())
     # --total-timesteps counts both ranks' steps, and every one-step episode of both reaches the log.
     assert len(read_steps(run, "charts/episodic_return")) == 4096
+    assert not ranks_played_alike(run)  # each rank its own envs and draws (seeded from seed and rank)
     obs_rms = pc.RunningMeanStd.from_state(torch.load(run / "model.pt", weights_only=True)["obs_rms"])
     assert obs_rms.count == pytest.approx(4096, abs=1)  # both ranks' observations, merged
     # And they learned: the mean found both targets, from 2048 steps of each rank.
