@@ -37,24 +37,37 @@ def run_twice(script, cwd, *argv, timeout=240):
     return returns
 
 
-def interrupt_script(script, cwd, *argv, timeout=120, signum=signal.SIGINT):
-    """Start a run, wait until it has logged charts/SPS (a training iteration), then Ctrl-C it
-    (or send it `signum`: SIGTERM is what `kill`, `timeout` and cluster schedulers send)."""
-    os.makedirs(cwd, exist_ok=True)
-    # A shell's background job (`pytest &`) starts with SIGINT ignored, which the child would keep:
-    # give it the default a terminal's Ctrl-C meets.
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def interrupt_script(script, cwd, *argv, timeout=120, signums=(signal.SIGINT, signal.SIGTERM)):
+    """Start one run per signal, side by side (one core each), each in its own folder under `cwd`; once a
+    run has logged charts/SPS (a training iteration), Ctrl-C it (SIGINT) or send it its other signal
+    (SIGTERM is what `kill`, `timeout` and cluster schedulers send). Returns [(signum, the finished
+    process, its folder)]."""
+    started = []
+    for signum in signums:
+        folder = Path(cwd) / signal.Signals(signum).name
+        folder.mkdir(parents=True, exist_ok=True)
+        # A shell's background job (`pytest &`) starts with SIGINT ignored, which the child would keep:
+        # give it the default a terminal's Ctrl-C meets.
+        proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=folder, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        started.append((signum, proc, folder))
     deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        events = list(Path(cwd).glob("runs/*/events.*"))
-        if events and b"charts/SPS" in events[0].read_bytes():  # tag names are stored as text
-            break
+    waiting = list(started)
+    while waiting and time.time() < deadline:
+        for signum, proc, folder in list(waiting):
+            events = list(folder.glob("runs/*/events.*"))
+            if proc.poll() is not None or (events and b"charts/SPS" in events[0].read_bytes()):  # tags are text
+                proc.send_signal(signum)
+                waiting.remove((signum, proc, folder))
         time.sleep(0.2)
-    proc.send_signal(signum)
-    stdout, stderr = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    finished = []
+    for signum, proc, folder in started:
+        if (signum, proc, folder) in waiting:
+            proc.send_signal(signum)
+        stdout, stderr = proc.communicate(timeout=60)
+        finished.append((signum, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), folder))
+    return finished
 
 
 @pytest.fixture
