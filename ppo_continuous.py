@@ -81,8 +81,8 @@ class Args:
     """the K epochs to update the policy"""
     norm_adv: bool = True
     """toggles advantage normalisation (per minibatch)"""
-    clip_coef: float = 0.2
-    """the surrogate clipping coefficient epsilon"""
+    clip_coef: Optional[float] = 0.2
+    """the surrogate clipping coefficient epsilon; None: no clipping, the plain surrogate r_t A_t (L^CPI)"""
     clip_vloss: bool = False
     """toggles the clipped value loss (the PPO paper and CleanRL: on; off measured better, see README)"""
     ent_coef: float = 0.0
@@ -93,6 +93,12 @@ class Args:
     """the maximum norm for the global gradient clipping"""
     target_kl: Optional[float] = None
     """stop the epochs early once the approximate KL exceeds this (checked every minibatch)"""
+    kl_beta: float = 0.0
+    """beta, the coefficient of the KL penalty: the objective less beta KL(pi_old(.|s), pi(.|s)), the exact KL
+    (the PPO paper's L^KLPEN); 0: no penalty"""
+    kl_dtarg: Optional[float] = None
+    """d_targ: when given, beta adapts after each update (halved when the batch's mean KL is below d_targ / 1.5,
+    doubled above 1.5 d_targ), starting from --kl-beta, or 1 if that is 0"""
     norm_obs: bool = True
     """toggles standardising observations by their running mean and std (clipped to +-obs-clip)"""
     obs_clip: float = 10.0
@@ -148,8 +154,12 @@ def check_args(args: Args) -> None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
         raise UserError("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
-    if args.learning_rate <= 0 or args.clip_coef <= 0 or args.max_grad_norm <= 0:
+    if args.learning_rate <= 0 or args.max_grad_norm <= 0 or (args.clip_coef is not None and args.clip_coef <= 0):
         raise UserError("--learning-rate, --clip-coef and --max-grad-norm must be positive")
+    if args.clip_coef is None and args.clip_vloss:
+        raise UserError("--clip-vloss clips by --clip-coef, which is None: give a --clip-coef or --no-clip-vloss")
+    if args.kl_beta < 0 or (args.kl_dtarg is not None and args.kl_dtarg <= 0):
+        raise UserError("--kl-beta must be 0 or more, and --kl-dtarg positive")
     if args.obs_clip <= 0 or args.reward_clip <= 0:
         raise UserError("--obs-clip and --reward-clip must be positive")
 
@@ -315,10 +325,10 @@ class Agent(nn.Module):
         return self.critic(x).squeeze(-1)
 
     def evaluate_actions(self, x: torch.Tensor, action: torch.Tensor):
-        """(log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
+        """(log π_θ(a|s), entropy of π_θ(·|s), V(s), μ_θ(s), log σ) for given states and actions."""
         mean = self.actor_mean(x)
         log_std = self.actor_logstd.expand_as(mean)
-        return gaussian_log_prob(action, mean, log_std), gaussian_entropy(log_std), self.get_value(x)
+        return gaussian_log_prob(action, mean, log_std), gaussian_entropy(log_std), self.get_value(x), mean, log_std
 
 
 class NumpyPolicy:
@@ -460,6 +470,32 @@ def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_c
     return -torch.min(unclipped, clipped).mean()
 
 
+def surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-E_t[r_t Â_t]: the surrogate unclipped (the PPO paper's L^CPI, TRPO's objective), negated to descend."""
+    return -(ratio * advantages).mean()
+
+
+def gaussian_kl(old_mean: torch.Tensor, old_log_std: torch.Tensor, new_mean: torch.Tensor,
+                new_log_std: torch.Tensor) -> torch.Tensor:
+    """KL(π_old(·|s), π(·|s)) of diagonal Gaussians, exact: Σ_i [log σ'_i - log σ_i + (σ_i² + (μ_i - μ'_i)²) / 2σ'_i² - ½]."""
+    return (new_log_std - old_log_std
+            + ((2 * old_log_std).exp() + (old_mean - new_mean) ** 2) / (2 * (2 * new_log_std).exp()) - 0.5).sum(-1)
+
+
+def kl_penalty(kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """β E_t[KL(π_θold(·|s_t), π_θ(·|s_t))]: what L^KLPEN subtracts from the surrogate, so a loss adds."""
+    return beta * kl.mean()
+
+
+def adapt_kl_beta(beta: float, kl: float, kl_dtarg: float) -> float:
+    """The PPO paper's adaptive β, after an update whose batch's mean KL is d: β/2 if d < d_targ/1.5, 2β if d > 1.5 d_targ."""
+    if kl < kl_dtarg / 1.5:
+        return beta / 2
+    if kl > kl_dtarg * 1.5:
+        return beta * 2
+    return beta
+
+
 def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                clip_coef: Optional[float] = None) -> torch.Tensor:
     """½E[(V-R)²], or with `clip_coef` ½E[max((V-R)², (V_old + clip(V-V_old, ±ε) - R)²)]."""
@@ -507,6 +543,8 @@ class Batch:
     values: torch.Tensor
     advantages: torch.Tensor
     returns: torch.Tensor
+    means: Optional[torch.Tensor] = None  # π_θold(·|s): μ and log σ at each state, for the exact KL
+    log_stds: Optional[torch.Tensor] = None
 
 
 def shuffled_minibatches(advantages: torch.Tensor, num_minibatches: int, epochs: int, ranks: "Ranks"):
@@ -519,9 +557,12 @@ def shuffled_minibatches(advantages: torch.Tensor, num_minibatches: int, epochs:
         yield from ((mb, mean, std) for mb, (mean, std) in zip(minibatches, moments))
 
 
-def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, ranks: "Ranks") -> dict:
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, ranks: "Ranks",
+               kl_beta: float = 0.0) -> dict:
     """Optimise L for K epochs over shuffled minibatches; θ changes, θ_old does not.
 
+    The policy's objective is L^CLIP, or with --clip-coef None the unclipped L^CPI; with a penalty
+    coefficient β > 0 it also subtracts β times the exact KL(π_θold(·|s), π_θ(·|s)) (L^KLPEN).
     Returns the last minibatch's losses and KL estimates, the clip fraction over all of them,
     and how many minibatch steps were taken (fewer when the KL passed --target-kl). Under
     torchrun a minibatch is the union of the ranks' minibatches: its advantages are normalised
@@ -529,17 +570,23 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
     """
     clipfracs = []
     for mb, adv_mean, adv_std in shuffled_minibatches(batch.advantages, args.num_minibatches, args.update_epochs, ranks):
-        newlogprob, entropy, newvalue = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
+        newlogprob, entropy, newvalue, new_mean, new_log_std = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
         logratio = newlogprob - batch.logprobs[mb]
         ratio = logratio.exp()
         with torch.no_grad():
             old_kl, kl = approx_kl(logratio)
-            clipfracs.append(((ratio - 1.0).abs() > args.clip_coef).float().mean())
+            clipfracs.append(((ratio - 1.0).abs() > (args.clip_coef or math.inf)).float().mean())
 
         mb_advantages = batch.advantages[mb]
         if args.norm_adv:
             mb_advantages = normalize_advantages(mb_advantages, adv_mean, adv_std)
-        pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
+        if args.clip_coef is None:
+            pg_loss = surrogate_loss(ratio, mb_advantages)
+        else:
+            pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
+        if kl_beta > 0:
+            exact_kl = gaussian_kl(batch.means[mb], batch.log_stds[mb], new_mean, new_log_std)
+            pg_loss = pg_loss + kl_penalty(exact_kl, kl_beta)
         v_loss = value_loss(newvalue, batch.values[mb], batch.returns[mb],
                             args.clip_coef if args.clip_vloss else None)
         entropy_loss = entropy.mean()
@@ -554,7 +601,15 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
             break  # π_θ has moved far enough from π_θold: no more steps, this epoch or the next
     return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
             "old_approx_kl": old_kl.item(), "approx_kl": kl.item(),
-            "clipfrac": torch.stack(clipfracs).mean().item(), "minibatch_steps": len(clipfracs)}
+            "clipfrac": torch.stack(clipfracs).mean().item(), "minibatch_steps": len(clipfracs), "kl_beta": kl_beta}
+
+
+def mean_exact_kl(agent: Agent, batch: Batch, ranks: "Ranks") -> float:
+    """d = E_t[KL(π_θold(·|s_t), π_θ(·|s_t))] over the whole batch (every rank's), exact: what adapts β."""
+    with torch.no_grad():
+        _, _, _, mean, log_std = agent.evaluate_actions(batch.obs, batch.actions)
+        ((d, _),) = union_mean_std([gaussian_kl(batch.means, batch.log_stds, mean, log_std)], ranks)
+    return d.item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -735,12 +790,12 @@ def space_signature(envs) -> dict:
 
 def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optimizer, envs,
                     obs_rms: Optional[RunningMeanStd], return_rms: Optional[RunningMeanStd],
-                    rng: np.random.Generator) -> None:
+                    rng: np.random.Generator, kl_beta: float = 0.0) -> None:
     # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
     write_atomically({"script": SCRIPT, "args": asdict(args), "global_step": global_step,
                       "model": agent.state_dict(), "optimizer": optimizer.state_dict(), "spaces": space_signature(envs),
                       "obs_rms": obs_rms and obs_rms.state(), "return_rms": return_rms and return_rms.state(),
-                      "rng": rng_states(rng)}, path)
+                      "rng": rng_states(rng), "kl_beta": kl_beta}, path)
 
 
 def write_atomically(checkpoint: dict, path: str) -> None:
@@ -955,6 +1010,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     return_rms = RunningMeanStd() if args.norm_reward else None
     rng = np.random.default_rng(seed)
     global_step = 0
+    kl_beta = args.kl_beta or (1.0 if args.kl_dtarg is not None else 0.0)  # β of L^KLPEN; adapted, it is state
     if resume:  # where the checkpoint left off; the envs start new episodes, so the return being
         # scaled (`discounted_return`) starts at 0 again, as at any episode's start
         agent.load_state_dict(resume["model"])
@@ -962,6 +1018,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         obs_rms = resume["obs_rms"] and RunningMeanStd.from_state(resume["obs_rms"])
         return_rms = resume["return_rms"] and RunningMeanStd.from_state(resume["return_rms"])
         global_step = resume["global_step"]
+        kl_beta = resume.get("kl_beta", kl_beta)
         restore_rng_states(resume["rng"], rng)
         if ranks.rank > 0:  # the checkpoint holds rank 0's acting noise; the others draw their own
             rng = np.random.default_rng([seed, global_step])
@@ -1018,7 +1075,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             with torch.inference_mode():
                 b_obs = torch.from_numpy(batch_obs).to(device)
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1, action_dim)).to(device)
-                b_logprobs, _, b_values = agent.evaluate_actions(b_obs, b_actions)
+                b_logprobs, _, b_values, b_means, b_log_stds = agent.evaluate_actions(b_obs, b_actions)
                 values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
                 next_values = agent.get_value(torch.from_numpy(batch_next_obs).to(device)).cpu().numpy()
                 next_values = next_values.reshape(args.num_steps, args.num_envs)
@@ -1030,8 +1087,10 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             # 4. Optimise the surrogate for K epochs over shuffled minibatches.
             batch = Batch(b_obs, b_actions, b_logprobs, b_values,
                           torch.from_numpy(advantages.reshape(-1)).to(device),
-                          torch.from_numpy(returns.reshape(-1)).to(device))
-            stats = ppo_update(agent, optimizer, batch, args, ranks)
+                          torch.from_numpy(returns.reshape(-1)).to(device), b_means, b_log_stds)
+            stats = ppo_update(agent, optimizer, batch, args, ranks, kl_beta)
+            if args.kl_dtarg is not None:  # the paper's adaptive β: from the KL this update reached
+                kl_beta = adapt_kl_beta(kl_beta, mean_exact_kl(agent, batch, ranks), args.kl_dtarg)
 
             # 5. Log what the update did (under torchrun, on rank 0's minibatches).
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -1043,7 +1102,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             if args.save_model and ranks.rank == 0 and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
                 writer.flush()  # the logs up to the checkpoint reach the disk with it
                 save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_rms,
-                                return_rms, rng)
+                                return_rms, rng, kl_beta)
                 next_checkpoint = time.time() + args.checkpoint_every
         exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
     except NonFiniteGradient:
@@ -1054,7 +1113,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         status.close()
         if args.save_model and ranks.rank == 0:
             save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_rms, return_rms,
-                            rng)
+                            rng, kl_beta)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()

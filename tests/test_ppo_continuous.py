@@ -4,6 +4,7 @@ normalised final observation, and the script end to end (smoke, evaluation with 
 statistics, errors, seeds)."""
 
 import copy
+from dataclasses import replace
 import math
 import os
 import signal
@@ -57,7 +58,7 @@ def test_gaussian_entropy_by_hand():
 def test_agent_starts_with_unit_noise_around_a_near_zero_mean():
     agent = pc.Agent(3, 2)
     obs = torch.zeros(4, 3)
-    logprob, entropy, value = agent.evaluate_actions(obs, torch.zeros(4, 2))
+    logprob, entropy, value, _, _ = agent.evaluate_actions(obs, torch.zeros(4, 2))
     assert logprob.shape == entropy.shape == value.shape == (4,)
     # μ ≈ 0, σ = 1 in 2-d: log N(0; 0, 1)² = -ln 2π; entropy = 1 + ln 2π
     torch.testing.assert_close(logprob, torch.full((4,), -LOG_2PI), atol=1e-3, rtol=0)
@@ -67,7 +68,7 @@ def test_agent_starts_with_unit_noise_around_a_near_zero_mean():
 def test_log_std_init_sets_the_first_policy_spread():
     # log σ = -1 in 1-d: entropy ½ + ½ln2π - 1 = 0.418939; log N(μ; μ, σ²) = 1 - ½ln2π = 0.081061
     agent = pc.Agent(3, 1, log_std_init=-1.0)
-    logprob, entropy, _ = agent.evaluate_actions(torch.zeros(1, 3), torch.zeros(1, 1))
+    logprob, entropy, _, _, _ = agent.evaluate_actions(torch.zeros(1, 3), torch.zeros(1, 1))
     assert entropy.item() == pytest.approx(0.418939, abs=1e-6)
     assert logprob.item() == pytest.approx(0.081061, abs=1e-3)  # μ ≈ 0 (a small last layer)
 
@@ -482,16 +483,17 @@ def bandit_batch(n=256):
     actions = torch.randn(n, 1, generator=g) * 0.6
     rewards = 1.0 - (actions[:, 0] - (s.float() - 0.5)) ** 2
     with torch.no_grad():
-        logprobs, _, values = agent.evaluate_actions(obs, actions)
-    return agent, pc.Batch(obs, actions, logprobs, values, advantages=rewards - values, returns=rewards)
+        logprobs, _, values, means, log_stds = agent.evaluate_actions(obs, actions)
+    return agent, pc.Batch(obs, actions, logprobs, values, advantages=rewards - values, returns=rewards,
+                           means=means, log_stds=log_stds)
 
 
-def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, ranks=pc.Ranks(), **flags):
+def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, ranks=pc.Ranks(), kl_beta=0.0, **flags):
     """A copy of `agent` after one ppo_update (2 epochs x 4 minibatches unless told), and its stats."""
     agent = copy.deepcopy(agent)
     args = pc.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags})
     torch.manual_seed(1)  # the same shuffles every time
-    stats = pc.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args, ranks)
+    stats = pc.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args, ranks, kl_beta)
     return agent, stats
 
 
@@ -562,6 +564,76 @@ def test_target_kl_stops_the_epochs_early(tmp_path, capsys):
     assert logged(tmp_path, capsys, "stopped", "--target-kl", "1e-9")["losses/minibatch_steps"] == [2] * 8
 
 
+# ---------------------------------------------------------------------------------------------
+# The KL-penalised objective (L^KLPEN) and the unclipped one (L^CPI)
+# ---------------------------------------------------------------------------------------------
+
+def test_gaussian_kl_by_hand_and_as_torch_has_it():
+    # One dimension: N(0, 1) to N(1, 2²): log 2 - 0 + (1 + 1²) / (2·4) - ½ = 0.693147 + 0.25 - 0.5.
+    # A second dimension where the two agree adds nothing.
+    old_mean, old_log_std = torch.tensor([[0.0, 3.0]]), torch.tensor([[0.0, -1.0]])
+    new_mean, new_log_std = torch.tensor([[1.0, 3.0]]), torch.tensor([[math.log(2.0), -1.0]])
+    kl = pc.gaussian_kl(old_mean, old_log_std, new_mean, new_log_std)
+    torch.testing.assert_close(kl, torch.tensor([0.443147]), rtol=0, atol=1e-6)
+    assert pc.gaussian_kl(old_mean, old_log_std, old_mean, old_log_std).item() == 0.0
+    g = torch.Generator().manual_seed(0)
+    m0, s0, m1, s1 = (torch.randn(5, 3, generator=g) for _ in range(4))
+    normal = torch.distributions.Normal
+    expected = torch.distributions.kl_divergence(normal(m0, s0.exp()), normal(m1, s1.exp())).sum(-1)
+    torch.testing.assert_close(pc.gaussian_kl(m0, s0, m1, s1), expected)
+
+
+def test_unclipped_surrogate_and_kl_penalty_by_hand():
+    # -mean(r Â) = -(0.5·1 + 2·(-1)) / 2 = 0.75; β·mean KL = 2·(0.1 + 0.3) / 2 = 0.4.
+    assert pc.surrogate_loss(torch.tensor([0.5, 2.0]), torch.tensor([1.0, -1.0])).item() == pytest.approx(0.75)
+    assert pc.kl_penalty(torch.tensor([0.1, 0.3]), 2.0).item() == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("kl, beta", [(0.005, 0.5), (0.01 / 1.5, 1.0), (0.01, 1.0), (0.015, 1.0), (0.02, 2.0)])
+def test_adaptive_beta_halves_below_the_band_and_doubles_above_it(kl, beta):
+    # d_targ 0.01: the band is [0.01/1.5, 0.015], edges included; β = 1 before.
+    assert pc.adapt_kl_beta(1.0, kl, 0.01) == beta
+
+
+def test_the_kl_penalty_holds_the_policy_near_the_old_one():
+    agent, batch = bandit_batch()
+    def kl_after(beta):
+        updated, stats = update(agent, batch, clip_coef=None, kl_beta=beta)
+        assert stats["kl_beta"] == beta
+        return pc.mean_exact_kl(updated, batch, pc.Ranks())
+    free, held = kl_after(0.0), kl_after(30.0)
+    assert free > 3 * held > 0
+
+
+@pytest.mark.parametrize("argv", [[], ["--clip-coef", "None"], ["--clip-coef", "None", "--kl-beta", "1"],
+                                  ["--clip-coef", "None", "--kl-dtarg", "0.01"]])
+def test_each_objective_trains_and_logs_its_beta(tmp_path, capsys, argv):
+    tags = logged(tmp_path, capsys, "run", *argv)
+    assert len(tags["losses/kl_beta"]) == 8 and all(math.isfinite(v) for v in tags["losses/policy_loss"])
+    if "--kl-dtarg" in argv:  # from 1, halved or doubled after every update outside the band
+        beta = tags["losses/kl_beta"]
+        assert beta[0] == 1.0 and len(set(beta)) > 1
+        assert all(b / a in (0.5, 1.0, 2.0) for a, b in zip(beta, beta[1:]))
+    else:
+        assert set(tags["losses/kl_beta"]) == {1.0 if "--kl-beta" in argv else 0.0}
+
+
+def test_adaptive_kl_learns_a_continuous_bandit(tmp_path, capsys):
+    out = run_main(pc, tmp_path, capsys, "--env-id", "ContinuousBandit-v0", "--num-envs", "4", "--num-steps", "64",
+                   "--num-minibatches", "4", "--learning-rate", "3e-3", "--total-timesteps", "8192",
+                   "--clip-coef", "None", "--kl-dtarg", "0.01", "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    agent = pc.Agent(2, 1)
+    agent.load_state_dict(ckpt["model"])
+    mean = pc.NumpyPolicy(agent, pc.RunningMeanStd.from_state(ckpt["obs_rms"]), 10.0).mean(np.eye(2, dtype=np.float32))
+    np.testing.assert_allclose(mean[:, 0], [-0.5, 0.5], atol=0.1)
+    # β is the run's state: the checkpoint holds the value the next update would use.
+    beta = read_tags(run)[0]["losses/kl_beta"][-1]
+    assert ckpt["kl_beta"] in (beta / 2, beta, beta * 2)
+
+
 def test_anneal_lr_falls_linearly_to_zero(tmp_path, capsys):
     # 8 iterations: lr_k = (1 - k/8)·3e-4 for k = 0..7, so the last is 3e-4/8; without annealing, 3e-4 throughout.
     annealed = logged(tmp_path, capsys, "annealed")["charts/learning_rate"]
@@ -592,6 +664,10 @@ def test_same_seed_same_returns(tmp_path):
     (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
     (["--obs-clip", "nan"], ["--obs-clip must be a finite number"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    (["--kl-beta", "-1"], ["--kl-beta must be 0 or more"]),
+    (["--kl-dtarg", "0"], ["--kl-dtarg positive"]),
+    (["--clip-coef", "None", "--clip-vloss"], ["--clip-vloss clips by --clip-coef"]),
+    (["--clip-coef", "0"], ["--clip-coef", "must be positive"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(pc, tmp_path, capsys, *argv), "ppo_continuous.py", *fragments)
@@ -866,7 +942,8 @@ def collectives_as_rank(rank):
     ranks = pc.Ranks(rank, 2)
     agent, batch = bandit_batch(128)
     half = slice(64 * rank, 64 * (rank + 1))
-    mine = pc.Batch(*(getattr(batch, f)[half] for f in ("obs", "actions", "logprobs", "values", "advantages", "returns")))
+    mine = pc.Batch(*(getattr(batch, f)[half] for f in ("obs", "actions", "logprobs", "values", "advantages", "returns",
+                                                        "means", "log_stds")))
     out = {}
     # (b) 2 epochs of 1 minibatch (the union of the halves is the whole batch); plain SGD, unclipped,
     # so that the gradient's scale shows (Adam's step would not change if the ranks summed it).
@@ -881,7 +958,7 @@ def collectives_as_rank(rank):
     # (d) rank 0's old log-probabilities 0.5 too high: its KL estimate is e^-0.5 - 1 + 0.5 = 0.107 from the
     # first minibatch, rank 1's is 0 there (θ = θ_old); their mean, 0.053, passes --target-kl 0.01.
     if rank == 0:
-        mine = pc.Batch(mine.obs, mine.actions, mine.logprobs + 0.5, mine.values, mine.advantages, mine.returns)
+        mine = replace(mine, logprobs=mine.logprobs + 0.5)
     kl_agent, stats = update(agent, mine, lr=1e-4, target_kl=0.01, ranks=ranks)
     out["kl_steps"], out["kl_update"] = stats["minibatch_steps"], parameters(kl_agent)
     return out
