@@ -87,7 +87,8 @@ class Args:
     norm_adv: bool = True
     """toggles advantage normalisation (per minibatch)"""
     clip_coef: Optional[float] = None
-    """the surrogate clipping coefficient epsilon (unset: 0.2 for vectors, 0.1 for frames)"""
+    """the surrogate clipping coefficient epsilon (unset: 0.2 for vectors, 0.1 for frames); given as None: no
+    clipping, the plain surrogate r_t A_t (the PPO paper's L^CPI)"""
     clip_vloss: bool = False
     """toggles whether or not to use a clipped loss for the value function"""
     ent_coef: float = 0.01
@@ -98,6 +99,12 @@ class Args:
     """the maximum norm for the global gradient clipping"""
     target_kl: Optional[float] = None
     """stop the epochs early once the approximate KL exceeds this (checked every minibatch)"""
+    kl_beta: float = 0.0
+    """beta, the coefficient of the KL penalty: the objective less beta KL(pi_old(.|s), pi(.|s)), the exact KL
+    (the PPO paper's L^KLPEN); 0: no penalty"""
+    kl_dtarg: Optional[float] = None
+    """d_targ: when given, beta adapts after each update (halved when the batch's mean KL is below d_targ / 1.5,
+    doubled above 1.5 d_targ), starting from --kl-beta, or 1 if that is 0"""
 
     cnn_precision: Literal["auto", "bfloat16", "float32"] = "auto"
     """frames: the CNN trunk's arithmetic (the heads and losses stay float32); auto is bfloat16 where the
@@ -148,9 +155,21 @@ def looks_atari(env_id: str) -> bool:
     return env_id.startswith("ALE/") or "NoFrameskip" in env_id
 
 
+# --clip-coef None: ε = ∞, and clip(r, 1 - ε, 1 + ε) = r, so L^CLIP is the plain surrogate L^CPI.
+NO_CLIPPING = math.inf
+
+
+def clipping_as_given(args: Args, argv: Optional[list[str]]) -> Args:
+    """`args` with --clip-coef None, when given, read as no clipping (NO_CLIPPING). Left unset, --clip-coef is
+    also None, and then the observation kind picks ε (DEFAULTS): a second parse with a marker default tells
+    the two apart."""
+    probe = tyro.cli(Args, args=argv, default=replace(args, clip_coef=-1.0))
+    return replace(args, clip_coef=NO_CLIPPING) if probe.clip_coef is None else args
+
+
 def check_args(args: Args) -> None:
     for name, value in asdict(args).items():  # NaN slips through every comparison below
-        if isinstance(value, float) and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value) and not (name == "clip_coef" and value == NO_CLIPPING):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     if not 0 <= args.seed < 2**32:  # numpy's global seed takes no more
         raise UserError(f"--seed must lie in [0, 2^32), got {args.seed}")
@@ -186,6 +205,10 @@ def check_args(args: Args) -> None:
         raise UserError("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
     if args.learning_rate <= 0 or args.clip_coef <= 0 or args.max_grad_norm <= 0:
         raise UserError("--learning-rate, --clip-coef and --max-grad-norm must be positive")
+    if args.clip_coef == NO_CLIPPING and args.clip_vloss:
+        raise UserError("--clip-vloss clips by --clip-coef, which is None: give a --clip-coef or --no-clip-vloss")
+    if args.kl_beta < 0 or (args.kl_dtarg is not None and args.kl_dtarg <= 0):
+        raise UserError("--kl-beta must be 0 or more, and --kl-dtarg positive")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,11 +432,11 @@ class Agent(nn.Module):
         return self.critic(self.features(x)).squeeze(-1)
 
     def evaluate_actions(self, x: torch.Tensor, action: torch.Tensor):
-        """(log π_θ(a|s), entropy of π_θ(·|s), V(s)) for given states and actions."""
+        """(log π_θ(a|s), entropy of π_θ(·|s), V(s), log π_θ(·|s)) for given states and actions."""
         h = self.features(x)  # once: for frames, the CNN is most of the cost
         logp = torch.log_softmax(self.actor(h), dim=-1)
         value = self.critic(h).squeeze(-1)
-        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), categorical_entropy(logp), value
+        return logp.gather(-1, action.unsqueeze(-1)).squeeze(-1), categorical_entropy(logp), value, logp
 
     def act_deterministic(self, x: torch.Tensor) -> torch.Tensor:
         """argmax_a π_θ(a|s), the policy used to evaluate a saved model."""
@@ -474,13 +497,14 @@ class TorchPolicy:
 
     def __init__(self, agent: Agent, rng: np.random.Generator, device: torch.device):
         self.agent, self.rng, self.device = agent, rng, device
-        self.logprobs, self.values = [], []
+        self.logprobs, self.values, self.policies = [], [], []  # log π_θold(a|s), V(s), log π_θold(·|s)
 
     def __call__(self, obs: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             hidden = self.agent.features(torch.from_numpy(obs).to(self.device))
             logp = torch.log_softmax(self.agent.actor(hidden), dim=-1)
             self.values.append(self.agent.critic(hidden).squeeze(-1))
+            self.policies.append(logp)
         action = sample_categorical(logp.cpu().numpy(), self.rng)  # softmax(log π) = π: the same draw
         self.logprobs.append(logp.gather(-1, torch.from_numpy(action).to(self.device).unsqueeze(-1)).squeeze(-1))
         return action
@@ -602,6 +626,30 @@ def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_c
     return -torch.min(unclipped, clipped).mean()
 
 
+def surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """-E_t[r_t Â_t]: the surrogate unclipped (the PPO paper's L^CPI, TRPO's objective), negated to descend."""
+    return -(ratio * advantages).mean()
+
+
+def categorical_kl(old_logp: torch.Tensor, new_logp: torch.Tensor) -> torch.Tensor:
+    """KL(π_old(·|s), π(·|s)) = Σ_a π_old(a|s) (log π_old(a|s) - log π(a|s)), exact, from log-probabilities."""
+    return (old_logp.exp() * (old_logp - new_logp)).sum(-1)
+
+
+def kl_penalty(kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """β E_t[KL(π_θold(·|s_t), π_θ(·|s_t))]: what L^KLPEN subtracts from the surrogate, so a loss adds."""
+    return beta * kl.mean()
+
+
+def adapt_kl_beta(beta: float, kl: float, kl_dtarg: float) -> float:
+    """The PPO paper's adaptive β, after an update whose batch's mean KL is d: β/2 if d < d_targ/1.5, 2β if d > 1.5 d_targ."""
+    if kl < kl_dtarg / 1.5:
+        return beta / 2
+    if kl > kl_dtarg * 1.5:
+        return beta * 2
+    return beta
+
+
 def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
                clip_coef: Optional[float] = None) -> torch.Tensor:
     """½E[(V-R)²], or with `clip_coef` ½E[max((V-R)², (V_old + clip(V-V_old, ±ε) - R)²)]."""
@@ -652,6 +700,7 @@ class Batch:
     advantages: torch.Tensor
     returns: torch.Tensor
     valid: torch.Tensor
+    policies: Optional[torch.Tensor] = None  # log π_θold(·|s) at each state, for the exact KL
 
 
 def shuffled_minibatches(transitions: torch.Tensor, advantages: torch.Tensor, num_minibatches: int, epochs: int,
@@ -666,9 +715,12 @@ def shuffled_minibatches(transitions: torch.Tensor, advantages: torch.Tensor, nu
         yield from ((mb, mean, std) for mb, (mean, std) in zip(minibatches, moments))
 
 
-def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, ranks: "Ranks") -> dict:
+def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, args: Args, ranks: "Ranks",
+               kl_beta: float = 0.0) -> dict:
     """Optimise L for K epochs over shuffled minibatches of the real transitions; θ changes, θ_old does not.
 
+    The policy's objective is L^CLIP, or with --clip-coef None the unclipped L^CPI; with a penalty
+    coefficient β > 0 it also subtracts β times the exact KL(π_θold(·|s), π_θ(·|s)) (L^KLPEN).
     Returns the last minibatch's losses and KL estimates, the clip fraction over all of them,
     and how many minibatch steps were taken (fewer when the KL passed --target-kl). Under
     torchrun a minibatch is the union of the ranks' minibatches: its advantages are normalised
@@ -677,7 +729,7 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
     clipfracs = []
     for mb, adv_mean, adv_std in shuffled_minibatches(batch.valid, batch.advantages, args.num_minibatches,
                                                       args.update_epochs, ranks):
-        newlogprob, entropy, newvalue = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
+        newlogprob, entropy, newvalue, new_policy = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
         logratio = newlogprob - batch.logprobs[mb]
         ratio = logratio.exp()
         with torch.no_grad():
@@ -687,7 +739,12 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
         mb_advantages = batch.advantages[mb]
         if args.norm_adv:
             mb_advantages = normalize_advantages(mb_advantages, adv_mean, adv_std)
-        pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
+        if args.clip_coef == NO_CLIPPING:
+            pg_loss = surrogate_loss(ratio, mb_advantages)
+        else:
+            pg_loss = clipped_surrogate_loss(ratio, mb_advantages, args.clip_coef)
+        if kl_beta > 0:
+            pg_loss = pg_loss + kl_penalty(categorical_kl(batch.policies[mb], new_policy), kl_beta)
         v_loss = value_loss(newvalue, batch.values[mb], batch.returns[mb],
                             args.clip_coef if args.clip_vloss else None)
         entropy_loss = entropy.mean()
@@ -702,7 +759,15 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
             break  # π_θ has moved far enough from π_θold: no more steps, this epoch or the next
     return {"policy_loss": pg_loss.item(), "value_loss": v_loss.item(), "entropy": entropy_loss.item(),
             "old_approx_kl": old_kl.item(), "approx_kl": kl.item(),
-            "clipfrac": torch.stack(clipfracs).mean().item(), "minibatch_steps": len(clipfracs)}
+            "clipfrac": torch.stack(clipfracs).mean().item(), "minibatch_steps": len(clipfracs), "kl_beta": kl_beta}
+
+
+def mean_exact_kl(agent: Agent, batch: Batch, ranks: "Ranks") -> float:
+    """d = E_t[KL(π_θold(·|s_t), π_θ(·|s_t))] over the batch's real transitions (every rank's), exact: what adapts β."""
+    with torch.no_grad():
+        *_, policy = agent.evaluate_actions(batch.obs[batch.valid], batch.actions[batch.valid])
+        ((d, _),) = union_mean_std([categorical_kl(batch.policies[batch.valid], policy)], ranks)
+    return d.item()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -861,7 +926,7 @@ class Silent:
 # ---------------------------------------------------------------------------------------------
 
 def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optimizer, envs,
-                    rng: np.random.Generator) -> None:
+                    rng: np.random.Generator, kl_beta: float = 0.0) -> None:
     # Plain tensors and Python scalars only, so `torch.load(weights_only=True)` can read it.
     write_atomically({
         "script": SCRIPT,
@@ -873,6 +938,7 @@ def save_checkpoint(path: str, args: Args, global_step: int, agent: Agent, optim
         "obs_shape": list(envs.single_observation_space.shape),
         "n_actions": int(envs.single_action_space.n),
         "rng": rng_states(rng),
+        "kl_beta": kl_beta,
     }, path)
 
 
@@ -1107,10 +1173,12 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
 
     rng = np.random.default_rng(seed)
     global_step = 0
+    kl_beta = args.kl_beta or (1.0 if args.kl_dtarg is not None else 0.0)  # β of L^KLPEN; adapted, it is state
     if resume:  # where the checkpoint left off; the envs start new episodes
         agent.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         global_step = resume["global_step"]
+        kl_beta = resume.get("kl_beta", kl_beta)
         restore_rng_states(resume["rng"], rng)
         if ranks.rank > 0:  # the checkpoint holds rank 0's acting draws; the others draw their own
             rng = np.random.default_rng([seed, global_step])
@@ -1158,9 +1226,10 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
                 b_obs = torch.from_numpy(rollout.obs.reshape((-1,) + obs_shape)).to(device)
                 b_actions = torch.from_numpy(rollout.actions.reshape(-1)).to(device)
                 if frames:  # the CNN pass that acted computed them (TorchPolicy); a second costs as much again
-                    b_logprobs, b_values = torch.cat(policy.logprobs), torch.cat(policy.values)
+                    b_logprobs, b_values, b_policies = (torch.cat(x) for x in (policy.logprobs, policy.values,
+                                                                               policy.policies))
                 else:
-                    b_logprobs, _, b_values = agent.evaluate_actions(b_obs, b_actions)
+                    b_logprobs, _, b_values, b_policies = agent.evaluate_actions(b_obs, b_actions)
                 values = b_values.cpu().numpy().reshape(args.num_steps, args.num_envs)
                 next_values = next_state_values(agent, rollout, values, device)
 
@@ -1172,8 +1241,11 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             batch = Batch(b_obs, b_actions, b_logprobs, b_values,
                           torch.from_numpy(advantages.reshape(-1)).to(device),
                           torch.from_numpy(returns.reshape(-1)).to(device),
-                          valid=torch.from_numpy(np.flatnonzero(rollout.valid.reshape(-1))).to(device))
-            stats = ppo_update(agent, optimizer, batch, args, ranks)
+                          valid=torch.from_numpy(np.flatnonzero(rollout.valid.reshape(-1))).to(device),
+                          policies=b_policies)
+            stats = ppo_update(agent, optimizer, batch, args, ranks, kl_beta)
+            if args.kl_dtarg is not None:  # the paper's adaptive β: from the KL this update reached
+                kl_beta = adapt_kl_beta(kl_beta, mean_exact_kl(agent, batch, ranks), args.kl_dtarg)
 
             # 4. Log what the update did (under torchrun, on rank 0's minibatches).
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
@@ -1185,7 +1257,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             status.update(global_step, recent_returns)
             if args.save_model and ranks.rank == 0 and time.time() >= next_checkpoint:  # nothing learned is lost to a kill
                 writer.flush()  # the logs up to the checkpoint reach the disk with it
-                save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng)
+                save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng, kl_beta)
                 next_checkpoint = time.time() + args.checkpoint_every
         exit_code = stop.exit_code  # 0, or 130 after Ctrl-C, 143 after SIGTERM
     except NonFiniteGradient:
@@ -1195,7 +1267,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         status.update(global_step, recent_returns, force=True)
         status.close()
         if args.save_model and ranks.rank == 0:
-            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng)
+            save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, rng, kl_beta)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
@@ -1243,7 +1315,7 @@ def evaluate(args: Args) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    args = tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0])
+    args = clipping_as_given(tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0]), argv)
     try:
         resume = args.resume or (restarted_run() if not args.eval_checkpoint else None)  # torchrun's restarts
         if resume:

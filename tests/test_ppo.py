@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+import tyro
 from gymnasium.vector import AutoresetMode
 
 import ppo
@@ -252,7 +253,7 @@ def test_numpy_policy_matches_the_torch_actor():
 def test_agent_log_prob_and_value_shapes():
     agent = ppo.Agent((4,), 2)
     obs, actions = torch.zeros(3, 4), torch.tensor([0, 1, 1])
-    logprob, entropy, value = agent.evaluate_actions(obs, actions)
+    logprob, entropy, value, _ = agent.evaluate_actions(obs, actions)
     assert logprob.shape == entropy.shape == value.shape == (3,)
     # The actor's last layer starts tiny, so the first policy is near uniform.
     torch.testing.assert_close(logprob, torch.full((3,), math.log(0.5)), atol=1e-2, rtol=0)
@@ -294,17 +295,17 @@ def bandit_batch(n=256):
     agent = ppo.Agent((2,), 2)
     obs, rewards = torch.eye(2)[s], (actions == s).float()
     with torch.no_grad():
-        logprobs, _, values = agent.evaluate_actions(obs, actions)
+        logprobs, _, values, policies = agent.evaluate_actions(obs, actions)
     return agent, ppo.Batch(obs, actions, logprobs, values, advantages=rewards - values, returns=rewards,
-                            valid=torch.arange(n))
+                            valid=torch.arange(n), policies=policies)
 
 
-def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, ranks=ppo.Ranks(), **flags):
+def update(agent, batch, optimizer=torch.optim.Adam, lr=3e-3, ranks=ppo.Ranks(), kl_beta=0.0, **flags):
     """A copy of `agent` after one ppo_update (2 epochs x 4 minibatches unless told), and its stats."""
     agent = copy.deepcopy(agent)
     args = ppo.with_defaults(ppo.Args(**{"num_minibatches": 4, "update_epochs": 2, **flags}), frames=False)
     torch.manual_seed(1)  # the same shuffles every time
-    stats = ppo.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args, ranks)
+    stats = ppo.ppo_update(agent, optimizer(agent.parameters(), lr=lr), batch, args, ranks, kl_beta)
     return agent, stats
 
 
@@ -398,6 +399,71 @@ def logged(tmp_path, capsys, name, *argv):
     return read_tags(run)[0]
 
 
+# ---------------------------------------------------------------------------------------------
+# The KL-penalised objective (L^KLPEN) and the unclipped one (L^CPI)
+# ---------------------------------------------------------------------------------------------
+
+def test_categorical_kl_by_hand_and_as_torch_has_it():
+    # π_old = (½, ½), π = (¼, ¾): ½ log(½/¼) + ½ log(½/¾) = ½ log 2 + ½ log(2/3) = ½ log(4/3) = 0.143841.
+    old, new = torch.tensor([[0.5, 0.5]]).log(), torch.tensor([[0.25, 0.75]]).log()
+    torch.testing.assert_close(ppo.categorical_kl(old, new), torch.tensor([0.143841]), rtol=0, atol=1e-6)
+    assert ppo.categorical_kl(old, old).item() == 0.0
+    g = torch.Generator().manual_seed(0)
+    p, q = (torch.log_softmax(torch.randn(5, 4, generator=g), -1) for _ in range(2))
+    expected = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=p),
+                                                 torch.distributions.Categorical(logits=q))
+    torch.testing.assert_close(ppo.categorical_kl(p, q), expected)
+
+
+def test_unclipped_surrogate_and_kl_penalty_by_hand():
+    # -mean(r Â) = -(0.5·1 + 2·(-1)) / 2 = 0.75; β·mean KL = 2·(0.1 + 0.3) / 2 = 0.4.
+    assert ppo.surrogate_loss(torch.tensor([0.5, 2.0]), torch.tensor([1.0, -1.0])).item() == pytest.approx(0.75)
+    assert ppo.kl_penalty(torch.tensor([0.1, 0.3]), 2.0).item() == pytest.approx(0.4)
+
+
+@pytest.mark.parametrize("kl, beta", [(0.005, 0.5), (0.01 / 1.5, 1.0), (0.01, 1.0), (0.015, 1.0), (0.02, 2.0)])
+def test_adaptive_beta_halves_below_the_band_and_doubles_above_it(kl, beta):
+    # d_targ 0.01: the band is [0.01/1.5, 0.015], edges included; β = 1 before.
+    assert ppo.adapt_kl_beta(1.0, kl, 0.01) == beta
+
+
+def test_the_kl_penalty_holds_the_policy_near_the_old_one():
+    agent, batch = bandit_batch()
+    def kl_after(beta):
+        updated, stats = update(agent, batch, clip_coef=ppo.NO_CLIPPING, kl_beta=beta)
+        assert stats["kl_beta"] == beta
+        return ppo.mean_exact_kl(updated, batch, ppo.Ranks())
+    free, held = kl_after(0.0), kl_after(30.0)
+    assert free > 3 * held > 0
+
+
+def test_clip_coef_none_means_no_clipping_and_unset_the_kinds_epsilon():
+    assert ppo.clipping_as_given(tyro.cli(ppo.Args, args=["--clip-coef", "None"]), ["--clip-coef", "None"]).clip_coef \
+        == ppo.NO_CLIPPING
+    assert ppo.clipping_as_given(ppo.Args(), []).clip_coef is None  # then DEFAULTS: 0.2 vectors, 0.1 frames
+    assert ppo.clipping_as_given(ppo.Args(clip_coef=0.3), ["--clip-coef", "0.3"]).clip_coef == 0.3
+
+
+@pytest.mark.parametrize("argv", [[], ["--clip-coef", "None"], ["--clip-coef", "None", "--kl-beta", "1"],
+                                  ["--clip-coef", "None", "--kl-dtarg", "0.01"]])
+def test_each_objective_trains_and_logs_its_beta(tmp_path, capsys, argv):
+    tags = logged(tmp_path, capsys, "run", *argv)
+    assert len(tags["losses/kl_beta"]) == 8 and all(math.isfinite(v) for v in tags["losses/policy_loss"])
+    if "--clip-coef" in argv:
+        assert set(tags["losses/clipfrac"]) == {0.0}
+    if "--kl-dtarg" in argv:  # from 1, halved or doubled after every update outside the band
+        beta = tags["losses/kl_beta"]
+        assert beta[0] == 1.0 and len(set(beta)) > 1
+        assert all(b / a in (0.5, 1.0, 2.0) for a, b in zip(beta, beta[1:]))
+    else:
+        assert set(tags["losses/kl_beta"]) == {1.0 if "--kl-beta" in argv else 0.0}
+
+
+def test_adaptive_kl_learns_a_bandit(tmp_path, capsys):
+    tags = logged(tmp_path, capsys, "adaptive", "--clip-coef", "None", "--kl-dtarg", "0.01", "--total-timesteps", "8192")
+    assert np.mean(tags["charts/episodic_return"][-100:]) > 0.9  # a random policy earns 0.5
+
+
 def test_target_kl_stops_the_epochs_early(tmp_path, capsys):
     # 2 epochs x 4 minibatches = 8 steps an iteration; the first minibatch's KL is 0 (θ = θ_old), the
     # second's is not, so a KL target of 1e-9 stops after 2.
@@ -471,6 +537,9 @@ def test_same_seed_same_returns(tmp_path):
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 10"]),
     (["--env-id", "CarRacing-v3"], ["Box", "ppo_continuous.py"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    (["--kl-beta", "-1"], ["--kl-beta must be 0 or more"]),
+    (["--kl-dtarg", "0"], ["--kl-dtarg positive"]),
+    (["--clip-coef", "None", "--clip-vloss"], ["--clip-vloss clips by --clip-coef"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(ppo, tmp_path, capsys, *argv), "ppo.py", *fragments)
@@ -642,7 +711,7 @@ def test_nature_cnn_shapes():
     frames = torch.randint(0, 256, (5, 4, 84, 84), dtype=torch.uint8)
     assert agent.trunk[:-2](frames).shape == (5, 3136)  # 64 maps of 7x7 before the 512-unit layer
     assert agent.trunk(frames).shape == (5, 512)
-    logp, entropy, value = agent.evaluate_actions(frames, torch.zeros(5, dtype=torch.int64))
+    logp, entropy, value, _ = agent.evaluate_actions(frames, torch.zeros(5, dtype=torch.int64))
     assert logp.shape == entropy.shape == value.shape == (5,)
     assert agent.logits(frames).shape == (5, 6)
     # One body, two heads: the trunk's parameters are shared, each head is one linear layer.
@@ -792,9 +861,10 @@ def test_the_frames_policy_keeps_the_log_probs_and_values_of_what_it_did():
     policy = ppo.TorchPolicy(agent, np.random.default_rng(0), torch.device("cpu"))
     frames = np.random.default_rng(1).integers(0, 256, (3, 4, 1, 36, 36), dtype=np.uint8)  # T=3 steps of N=4
     actions = np.stack([policy(f) for f in frames])
-    logp, _, value = agent.evaluate_actions(torch.from_numpy(frames.reshape(12, 1, 36, 36)),
+    logp, _, value, policies = agent.evaluate_actions(torch.from_numpy(frames.reshape(12, 1, 36, 36)),
                                             torch.from_numpy(actions.reshape(12)))
     np.testing.assert_allclose(torch.cat(policy.logprobs).numpy(), logp.detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(torch.cat(policy.policies).numpy(), policies.detach().numpy(), atol=1e-5)
     np.testing.assert_allclose(torch.cat(policy.values).numpy(), value.detach().numpy(), atol=1e-5)
 
 
@@ -972,7 +1042,8 @@ def collectives_as_rank(rank):
     agent, batch = bandit_batch(128)
     half = slice(64 * rank, 64 * (rank + 1))
     mine = ppo.Batch(*(getattr(batch, f)[half] for f in ("obs", "actions", "logprobs", "values", "advantages",
-                                                          "returns")), valid=torch.arange(64))
+                                                          "returns")), valid=torch.arange(64),
+                     policies=batch.policies[half])
     out = {"update": parameters(update(agent, mine, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9,
                                        ranks=ranks)[0])}
     if rank == 0:  # its KL estimate e^-0.5 - 1 + 0.5 = 0.107 from the first minibatch; rank 1's 0 there
