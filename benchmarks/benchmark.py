@@ -192,30 +192,34 @@ def ratio_cells(runs):
 
 
 def plot(results, path):
+    """One row per env, by env steps and by wall seconds: for each script (or experiment) the mean over
+    its seeds of the 100-episode mean return, and the seeds' min-max band."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    groups = {}
+    rows = {}
     for r in results:
-        groups.setdefault((r["script"], r["env_id"]), []).append(r)
-    fig, axes = plt.subplots(len(groups), 2, figsize=(11, 3.2 * len(groups)), squeeze=False)
-    for row, ((script, env_id), runs) in enumerate(groups.items()):
+        rows.setdefault(r["env_id"], {}).setdefault(r["script"], []).append(r)
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, 3.2 * len(rows)), squeeze=False)
+    for row, (env_id, groups) in enumerate(rows.items()):
         for col, xkey in enumerate(["steps", "seconds"]):
             ax = axes[row, col]
-            grid = np.linspace(0, max(max(r["curve"][xkey]) for r in runs), 200)
-            curves = []
-            for r in runs:
-                x, y = np.array(r["curve"][xkey]), np.array(r["curve"]["returns"])
-                smooth = np.array([y[max(0, i - 99): i + 1].mean() for i in range(len(y))])
-                curves.append(np.interp(grid, x, smooth, left=np.nan, right=np.nan))
-            curves = np.array(curves)
-            with warnings.catch_warnings():  # past the shortest run's end some columns are all NaN
-                warnings.simplefilter("ignore", RuntimeWarning)
-                mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
-            ax.plot(grid, mean, label=f"{script} (mean of {len(runs)} seeds)")
-            ax.fill_between(grid, low, high, alpha=0.25, label="min–max")
-            if runs[0]["threshold"] is not None:
-                ax.axhline(runs[0]["threshold"], color="gray", ls="--", lw=0.8)
+            for script, runs in groups.items():
+                grid = np.linspace(0, min(max(r["curve"][xkey]) for r in runs), 200)  # where every seed has data
+                curves = []
+                for r in runs:
+                    x, y = np.array(r["curve"][xkey]), np.array(r["curve"]["returns"])
+                    smooth = np.array([y[max(0, i - 99): i + 1].mean() for i in range(len(y))])
+                    curves.append(np.interp(grid, x, smooth, left=np.nan, right=np.nan))
+                curves = np.array(curves)
+                with warnings.catch_warnings():  # before a run's first episode a column may be all NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean, low, high = np.nanmean(curves, 0), np.nanmin(curves, 0), np.nanmax(curves, 0)
+                line, = ax.plot(grid, mean, label=f"{script} (mean of {len(runs)} seeds; band: min–max)")
+                ax.fill_between(grid, low, high, alpha=0.2, color=line.get_color())
+            threshold = next(iter(groups.values()))[0]["threshold"]
+            if threshold is not None:
+                ax.axhline(threshold, color="gray", ls="--", lw=0.8)
             ax.set_xlabel("env steps" if xkey == "steps" else "wall seconds from process start")
             ax.set_ylabel("return (mean of last 100 episodes)")
             ax.set_title(f"{env_id}")

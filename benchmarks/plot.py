@@ -40,13 +40,20 @@ def read_run(run_dir):
     return {**result, "script": exp_name, "env_id": env_id, "seed": int(seed) if seed.isdigit() else seed}
 
 
+def experiment_name(result):
+    """A benchmark run's --exp-name, as its command gave it, else its script's stem (the scripts' default)."""
+    words = result.get("command", "").split()
+    if "--exp-name" in words[:-1]:
+        return words[words.index("--exp-name") + 1]
+    return os.path.splitext(os.path.basename(result["script"]))[0]
+
+
 def read(path):
     """The runs a path names: a benchmark folder's results.json, or the run directories under it."""
     saved = os.path.join(path, "results.json")
     if os.path.isfile(saved):
         with open(saved) as f:
-            return [dict(r, script=os.path.basename(r["script"])[:-3] if r["script"].endswith(".py") else r["script"])
-                    for r in json.load(f)]
+            return [dict(r, script=experiment_name(r)) for r in json.load(f)]
     runs = [read_run(d) for d in run_dirs(path)]
     return [r for r in runs if r is not None]
 
