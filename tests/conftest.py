@@ -393,6 +393,17 @@ def train_as_rank(rank, script, network, cwd, argv, envs_from=None, rank_1_diffe
     return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
 
 
+def collectives_then_training(rank, collectives, port, *train_args):
+    """A rank that first runs `collectives(rank)` in a gloo group (join_gloo), leaves it, then trains as a
+    torchrun rank, `train_as_rank(rank, *train_args)`, in a new group on `port`: one spawn for both, since
+    each spawn spends seconds importing. Returns both results."""
+    import torch.distributed as dist
+    tested = collectives(rank)
+    dist.destroy_process_group()
+    os.environ["MASTER_PORT"] = str(port)
+    return tested, train_as_rank(rank, *train_args)
+
+
 def stop_one_rank(script, network, argv, tmp_path):
     """Two ranks training; once rank 0 has logged, SIGTERM to rank 1 alone, as a scheduler might.
     Returns what each rank returned (its exit code, its parameters) and the run's checkpoint."""

@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode
 import a2c
 from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
                       one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script,
-                      ScriptedAtari, stop_one_rank, train_as_rank)
+                      ScriptedAtari, stop_one_rank, collectives_then_training, free_port)
 
 
 def cols(rows, dtype=np.float32):
@@ -886,11 +886,8 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
 # Many processes (torchrun): the ranks are one learner
 # ---------------------------------------------------------------------------------------------
 
-def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
-    # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
-    argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "4", "--num-steps", "16", "--learning-rate", "3e-3",
-            "--total-timesteps", "8192", "--save-model"]
-    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "a2c", "ActorCritic", str(tmp_path), argv, tmp_path=tmp_path)
+def test_two_ranks_learn_as_one_and_keep_identical_parameters(two_ranks):
+    _, ((code0, rank0), (code1, rank1)), tmp_path = two_ranks
     assert code0 == code1 == 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
     (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
@@ -934,19 +931,27 @@ def collectives_as_rank(rank):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_ranks(collectives_as_rank, 2, tmp_path=tmp_path_factory.mktemp("ranks"))
+    """2 ranks: the collectives of tests (b) and (c), then a short training run, in one spawn.
+    Returns (each rank's collectives, each rank's (exit code, final parameters), the run's folder)."""
+    cwd = tmp_path_factory.mktemp("train")
+    # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
+    argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "4", "--num-steps", "16", "--learning-rate", "3e-3",
+            "--total-timesteps", "8192", "--save-model"]
+    ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, free_port(), "a2c", "ActorCritic", str(cwd),
+                      argv, tmp_path=tmp_path_factory.mktemp("ranks"))
+    return [tested for tested, _ in ranks], [trained for _, trained in ranks], cwd
 
 
 def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
     alone = half_batch_update(a2c.Ranks(), slice(None))
-    for update, _ in two_ranks:
+    for update, _ in two_ranks[0]:
         torch.testing.assert_close(update, alone, rtol=0, atol=1e-6)
-    assert torch.equal(two_ranks[0][0], two_ranks[1][0])
+    assert torch.equal(two_ranks[0][0][0], two_ranks[0][1][0])
 
 
 def test_merged_running_statistics_are_those_of_the_union(two_ranks):
     union = np.concatenate([np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) * 2 + 10])
-    ranks = [statistics for _, statistics in two_ranks]
+    ranks = [statistics for _, statistics in two_ranks[0]]
     for mean, var, count, (m, s) in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
         np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
         np.testing.assert_allclose(var, union.var(0), rtol=1e-4)

@@ -20,7 +20,7 @@ from gymnasium.vector import AutoresetMode
 import ppo
 from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_line_error,
                       ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
-                      stop_one_rank, train_as_rank)
+                      stop_one_rank, collectives_then_training, free_port)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -1017,13 +1017,8 @@ def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, cap
 # Many processes (torchrun): the ranks are one learner
 # ---------------------------------------------------------------------------------------------
 
-def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
-    # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
-    argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "4096",
-            "--update-epochs", "2", "--learning-rate", "1e-3", "--save-model"]
-    # Rank 1 builds other weights, as another machine's arithmetic might: rank 0's are the ones both start from.
-    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "ppo", "Agent", str(tmp_path), argv, None, True,
-                                               tmp_path=tmp_path)
+def test_two_ranks_learn_as_one_and_keep_identical_parameters(two_ranks):
+    _, ((code0, rank0), (code1, rank1)), tmp_path = two_ranks
     assert code0 == code1 == 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
     (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
@@ -1055,21 +1050,35 @@ def collectives_as_rank(rank):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_ranks(collectives_as_rank, 2, tmp_path=tmp_path_factory.mktemp("ranks"))
+    """2 ranks: the collectives of tests (b) and (d), then a short training run, in one spawn.
+    Returns (each rank's collectives, each rank's (exit code, final parameters), the run's folder)."""
+    cwd = tmp_path_factory.mktemp("train")
+    # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
+    argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "2", "--num-steps", "64", "--total-timesteps", "4096",
+            "--update-epochs", "2", "--learning-rate", "1e-3", "--save-model"]
+    # Rank 1 builds other weights, as another machine's arithmetic might: rank 0's are the ones both start from.
+    ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, free_port(), "ppo", "Agent", str(cwd), argv,
+                      None, True, tmp_path=tmp_path_factory.mktemp("ranks"))
+    return [tested for tested, _ in ranks], [trained for _, trained in ranks], cwd
 
 
-def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
+@pytest.fixture(scope="module")
+def collectives(two_ranks):
+    return two_ranks[0]
+
+
+def test_an_update_by_collectives_on_half_a_batch_each_is_the_update_on_the_whole_batch(collectives):
     agent, batch = bandit_batch(128)
     alone = parameters(update(agent, batch, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9)[0])
-    for rank in two_ranks:
+    for rank in collectives:
         torch.testing.assert_close(rank["update"], alone, rtol=0, atol=1e-6)
-    assert torch.equal(two_ranks[0]["update"], two_ranks[1]["update"])
+    assert torch.equal(collectives[0]["update"], collectives[1]["update"])
 
 
-def test_the_kl_stop_is_taken_by_all_ranks_together(two_ranks):
+def test_the_kl_stop_is_taken_by_all_ranks_together(collectives):
     # Alone, rank 1 would not stop (KL 0, then a step of lr 1e-4); together both stop after the first step.
-    assert [rank["kl_steps"] for rank in two_ranks] == [1, 1]
-    assert torch.equal(two_ranks[0]["kl_update"], two_ranks[1]["kl_update"])
+    assert [rank["kl_steps"] for rank in collectives] == [1, 1]
+    assert torch.equal(collectives[0]["kl_update"], collectives[1]["kl_update"])
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):

@@ -21,7 +21,7 @@ from gymnasium.vector import AutoresetMode
 import ppo_continuous as pc
 from conftest import (ROOT, ranks_played_alike, run_twice, free_port, interrupt_script, join_gloo, make_runs_unwritable,
                       one_hot, one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, stop_one_rank,
-                      train_as_rank)
+                      collectives_then_training)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -912,11 +912,8 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
 # Many processes (torchrun): the ranks are one learner
 # ---------------------------------------------------------------------------------------------
 
-def test_two_ranks_learn_as_one_and_keep_identical_parameters(tmp_path):
-    argv = ["--env-id", "ContinuousBandit-v0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
-            "--learning-rate", "3e-3", "--total-timesteps", "4096", "--no-norm-reward", "--save-model"]
-    (code0, rank0), (code1, rank1) = run_ranks(train_as_rank, 2, "ppo_continuous", "Agent", str(tmp_path), argv,
-                                                    "test_ppo_continuous", tmp_path=tmp_path)
+def test_two_ranks_learn_as_one_and_keep_identical_parameters(two_ranks):
+    _, ((code0, rank0), (code1, rank1)), tmp_path = two_ranks
     assert code0 == code1 == 0
     ranks = [rank0, rank1]
     for name in ranks[0]:  # every optimizer step was the same on both: bitwise the same weights
@@ -966,22 +963,34 @@ def collectives_as_rank(rank):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    return run_ranks(collectives_as_rank, 2, tmp_path=tmp_path_factory.mktemp("ranks"))
+    """2 ranks: the collectives of tests (b)-(d), then a short training run, in one spawn.
+    Returns (each rank's collectives, each rank's (exit code, final parameters), the run's folder)."""
+    cwd = tmp_path_factory.mktemp("train")
+    argv = ["--env-id", "ContinuousBandit-v0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
+            "--learning-rate", "3e-3", "--total-timesteps", "4096", "--no-norm-reward", "--save-model"]
+    ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, free_port(), "ppo_continuous", "Agent",
+                      str(cwd), argv, "test_ppo_continuous", tmp_path=tmp_path_factory.mktemp("ranks"))
+    return [tested for tested, _ in ranks], [trained for _, trained in ranks], cwd
 
 
-def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
+@pytest.fixture(scope="module")
+def collectives(two_ranks):
+    return two_ranks[0]
+
+
+def test_an_update_by_collectives_on_half_a_batch_each_is_the_update_on_the_whole_batch(collectives):
     agent, batch = bandit_batch(128)
     alone = parameters(update(agent, batch, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9)[0])
-    for rank in two_ranks:
+    for rank in collectives:
         torch.testing.assert_close(rank["update"], alone, rtol=0, atol=1e-6)
-    assert torch.equal(two_ranks[0]["update"], two_ranks[1]["update"])
+    assert torch.equal(collectives[0]["update"], collectives[1]["update"])
 
 
-def test_merged_running_statistics_are_those_of_the_union(two_ranks):
+def test_merged_running_statistics_are_those_of_the_union(collectives):
     union = np.concatenate([np.arange(6.0).reshape(3, 2), np.arange(6.0).reshape(3, 2) * 2 + 10])
     # By hand, column 0: rank 0 has 0, 2, 4 and rank 1 has 10, 14, 18: mean 8, variance
     # (64 + 36 + 16 + 4 + 36 + 100) / 6 = 256 / 6; the prior (count 1e-4) barely moves them.
-    for rank in two_ranks:
+    for rank in collectives:
         mean, var, count = rank["rms"]
         np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
         np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
@@ -989,13 +998,13 @@ def test_merged_running_statistics_are_those_of_the_union(two_ranks):
         assert count == pytest.approx(6, abs=1e-3)
         m, s = rank["mean_std"]  # the (n-1) std: sqrt(256 / 5)
         assert (m.item(), s.item()) == pytest.approx((8.0, math.sqrt(256 / 5)), rel=1e-6)
-    assert all(np.array_equal(a, b) for a, b in zip(two_ranks[0]["rms"][:2], two_ranks[1]["rms"][:2]))
+    assert all(np.array_equal(a, b) for a, b in zip(collectives[0]["rms"][:2], collectives[1]["rms"][:2]))
 
 
-def test_the_kl_stop_is_taken_by_all_ranks_together(two_ranks):
+def test_the_kl_stop_is_taken_by_all_ranks_together(collectives):
     # Alone, rank 1 would not stop (KL 0, then a step of lr 1e-4); together both stop after the first step.
-    assert [rank["kl_steps"] for rank in two_ranks] == [1, 1]
-    assert torch.equal(two_ranks[0]["kl_update"], two_ranks[1]["kl_update"])
+    assert [rank["kl_steps"] for rank in collectives] == [1, 1]
+    assert torch.equal(collectives[0]["kl_update"], collectives[1]["kl_update"])
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
