@@ -978,7 +978,7 @@ def collectives(two_ranks):
     return two_ranks[0]
 
 
-def test_an_update_by_collectives_on_half_a_batch_each_is_the_update_on_the_whole_batch(collectives):
+def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(collectives):
     agent, batch = bandit_batch(128)
     alone = parameters(update(agent, batch, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9)[0])
     for rank in collectives:
