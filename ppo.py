@@ -662,7 +662,8 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 def ppo_loss(clip_loss: torch.Tensor, entropy: torch.Tensor, v_loss: torch.Tensor, ent_coef: float,
              vf_coef: float) -> torch.Tensor:
-    """L = -L^CLIP - c_e H + c_v L^V: the PPO paper's objective L^CLIP - c_1 L^VF + c_2 S, negated to descend."""
+    """L = -L^CLIP - c_e H + c_v L^V: the PPO paper's objective L^CLIP - c_1 L^VF + c_2 S, negated to descend
+    (its first term -L^CPI without clipping, and plus β KL with the penalty: `ppo_update`)."""
     return clip_loss - ent_coef * entropy + vf_coef * v_loss
 
 
@@ -704,14 +705,15 @@ class Batch:
 
 
 def shuffled_minibatches(transitions: torch.Tensor, advantages: torch.Tensor, num_minibatches: int, epochs: int,
-                         ranks: "Ranks"):
+                         ranks: "Ranks", norm_adv: bool = True):
     """Each epoch a new shuffle of the transitions' indices into minibatches: (indices, mean Â, std Â) for each,
     the mean and std those of the minibatch's advantages together with the other ranks' same-numbered
-    minibatches. One all-reduce per epoch brings every minibatch's moments, not one per minibatch."""
+    minibatches (None without `norm_adv`). One all-reduce per epoch brings every minibatch's moments."""
     for _ in range(epochs):
         minibatches = torch.tensor_split(transitions[torch.randperm(len(transitions), device=transitions.device)],
                                          num_minibatches)
-        moments = union_mean_std([advantages[mb] for mb in minibatches], ranks)
+        moments = (union_mean_std([advantages[mb] for mb in minibatches], ranks) if norm_adv
+                   else [(None, None)] * len(minibatches))
         yield from ((mb, mean, std) for mb, (mean, std) in zip(minibatches, moments))
 
 
@@ -721,14 +723,15 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
 
     The policy's objective is L^CLIP, or with --clip-coef None the unclipped L^CPI; with a penalty
     coefficient β > 0 it also subtracts β times the exact KL(π_θold(·|s), π_θ(·|s)) (L^KLPEN).
-    Returns the last minibatch's losses and KL estimates, the clip fraction over all of them,
-    and how many minibatch steps were taken (fewer when the KL passed --target-kl). Under
-    torchrun a minibatch is the union of the ranks' minibatches: its advantages are normalised
-    together, its gradient is the mean of theirs, and its KL, which may stop the epochs, theirs.
+    Returns the last minibatch's losses (the policy's with the penalty in it) and KL estimates, the
+    clip fraction over all of them, and how many minibatch steps were taken (fewer when the KL
+    passed --target-kl). Under torchrun a minibatch is the union of the ranks' minibatches: its
+    advantages are normalised together, its gradient is the mean of theirs, and its KL estimate
+    (approx_kl, which may stop the epochs) theirs.
     """
     clipfracs = []
     for mb, adv_mean, adv_std in shuffled_minibatches(batch.valid, batch.advantages, args.num_minibatches,
-                                                      args.update_epochs, ranks):
+                                                      args.update_epochs, ranks, args.norm_adv):
         newlogprob, entropy, newvalue, new_policy = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
         logratio = newlogprob - batch.logprobs[mb]
         ratio = logratio.exp()
@@ -1018,7 +1021,7 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
     if "rng" not in ckpt:
         raise UserError(f"{path} was written before --resume existed: it can be evaluated, not resumed")
     saved = Args(**{k: v for k, v in ckpt["args"].items() if k in Args.__dataclass_fields__})
-    args = tyro.cli(Args, args=argv, default=saved, description=__doc__.split("\n\n")[0])
+    args = clipping_as_given(tyro.cli(Args, args=argv, default=saved, description=__doc__.split("\n\n")[0]), argv)
     for name, value in asdict(args).items():
         if name not in RESUMABLE and value != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
@@ -1247,7 +1250,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             if args.kl_dtarg is not None:  # the paper's adaptive β: from the KL this update reached
                 kl_beta = adapt_kl_beta(kl_beta, mean_exact_kl(agent, batch, ranks), args.kl_dtarg)
 
-            # 4. Log what the update did (under torchrun, on rank 0's minibatches).
+            # 4. Log what the update did (under torchrun, on rank 0's minibatches; approx_kl is the ranks' mean).
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             for name, value in stats.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)

@@ -327,8 +327,9 @@ class Agent(nn.Module):
     def evaluate_actions(self, x: torch.Tensor, action: torch.Tensor):
         """(log π_θ(a|s), entropy of π_θ(·|s), V(s), μ_θ(s), log σ) for given states and actions."""
         mean = self.actor_mean(x)
-        log_std = self.actor_logstd.expand_as(mean)
-        return gaussian_log_prob(action, mean, log_std), gaussian_entropy(log_std), self.get_value(x), mean, log_std
+        log_std = self.actor_logstd.expand_as(mean)  # a view of the parameter, which Adam changes in place:
+        # what is returned is a copy, so that a batch keeps θ_old's log σ while θ moves on
+        return gaussian_log_prob(action, mean, log_std), gaussian_entropy(log_std), self.get_value(x), mean, log_std.clone()
 
 
 class NumpyPolicy:
@@ -508,7 +509,8 @@ def value_loss(new_values: torch.Tensor, old_values: torch.Tensor, returns: torc
 
 def ppo_loss(clip_loss: torch.Tensor, entropy: torch.Tensor, v_loss: torch.Tensor, ent_coef: float,
              vf_coef: float) -> torch.Tensor:
-    """L = -L^CLIP - c_e H + c_v L^V: the PPO paper's objective L^CLIP - c_1 L^VF + c_2 S, negated to descend."""
+    """L = -L^CLIP - c_e H + c_v L^V: the PPO paper's objective L^CLIP - c_1 L^VF + c_2 S, negated to descend
+    (its first term -L^CPI without clipping, and plus β KL with the penalty: `ppo_update`)."""
     return clip_loss - ent_coef * entropy + vf_coef * v_loss
 
 
@@ -547,13 +549,15 @@ class Batch:
     log_stds: Optional[torch.Tensor] = None
 
 
-def shuffled_minibatches(advantages: torch.Tensor, num_minibatches: int, epochs: int, ranks: "Ranks"):
+def shuffled_minibatches(advantages: torch.Tensor, num_minibatches: int, epochs: int, ranks: "Ranks",
+                         norm_adv: bool = True):
     """Each epoch a new shuffle of the batch into minibatches: (indices, mean Â, std Â) for each, the mean
-    and std those of the minibatch's advantages together with the other ranks' same-numbered minibatches.
-    One all-reduce per epoch brings every minibatch's moments, not one per minibatch."""
+    and std those of the minibatch's advantages together with the other ranks' same-numbered minibatches
+    (None without `norm_adv`). One all-reduce per epoch brings every minibatch's moments."""
     for _ in range(epochs):
         minibatches = torch.tensor_split(torch.randperm(len(advantages), device=advantages.device), num_minibatches)
-        moments = union_mean_std([advantages[mb] for mb in minibatches], ranks)
+        moments = (union_mean_std([advantages[mb] for mb in minibatches], ranks) if norm_adv
+                   else [(None, None)] * len(minibatches))
         yield from ((mb, mean, std) for mb, (mean, std) in zip(minibatches, moments))
 
 
@@ -563,13 +567,15 @@ def ppo_update(agent: Agent, optimizer: torch.optim.Optimizer, batch: Batch, arg
 
     The policy's objective is L^CLIP, or with --clip-coef None the unclipped L^CPI; with a penalty
     coefficient β > 0 it also subtracts β times the exact KL(π_θold(·|s), π_θ(·|s)) (L^KLPEN).
-    Returns the last minibatch's losses and KL estimates, the clip fraction over all of them,
-    and how many minibatch steps were taken (fewer when the KL passed --target-kl). Under
-    torchrun a minibatch is the union of the ranks' minibatches: its advantages are normalised
-    together, its gradient is the mean of theirs, and its KL, which may stop the epochs, theirs.
+    Returns the last minibatch's losses (the policy's with the penalty in it) and KL estimates, the
+    clip fraction over all of them, and how many minibatch steps were taken (fewer when the KL
+    passed --target-kl). Under torchrun a minibatch is the union of the ranks' minibatches: its
+    advantages are normalised together, its gradient is the mean of theirs, and its KL estimate
+    (approx_kl, which may stop the epochs) theirs.
     """
     clipfracs = []
-    for mb, adv_mean, adv_std in shuffled_minibatches(batch.advantages, args.num_minibatches, args.update_epochs, ranks):
+    for mb, adv_mean, adv_std in shuffled_minibatches(batch.advantages, args.num_minibatches, args.update_epochs, ranks,
+                                                      args.norm_adv):
         newlogprob, entropy, newvalue, new_mean, new_log_std = agent.evaluate_actions(batch.obs[mb], batch.actions[mb])
         logratio = newlogprob - batch.logprobs[mb]
         ratio = logratio.exp()
@@ -1092,7 +1098,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             if args.kl_dtarg is not None:  # the paper's adaptive β: from the KL this update reached
                 kl_beta = adapt_kl_beta(kl_beta, mean_exact_kl(agent, batch, ranks), args.kl_dtarg)
 
-            # 5. Log what the update did (under torchrun, on rank 0's minibatches).
+            # 5. Log what the update did (under torchrun, on rank 0's minibatches; approx_kl is the ranks' mean).
             writer.add_scalar("charts/learning_rate", optimizer.param_groups[0]["lr"], global_step)
             for name, value in stats.items():
                 writer.add_scalar(f"losses/{name}", value, global_step)

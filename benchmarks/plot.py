@@ -9,7 +9,7 @@ Each path is a run directory (runs/ENV__EXP__SEED__TIME, as the scripts write it
 such directories at any depth, or a benchmark.py --out folder (its results.json; its runs/ are read
 only when results.json is missing). Runs are grouped by experiment name (--exp-name; the script's
 stem by default) and env id; a group's seeds make its band. Wall time counts from each run's first
-logged event, so a resumed run's pause is not shown. Needs matplotlib (benchmarks/requirements.txt).
+logged event (a resumed run's includes the time it lay stopped). Needs matplotlib (benchmarks/requirements.txt).
 """
 
 import argparse

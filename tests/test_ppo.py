@@ -464,6 +464,20 @@ def test_adaptive_kl_learns_a_bandit(tmp_path, capsys):
     assert np.mean(tags["charts/episodic_return"][-100:]) > 0.9  # a random policy earns 0.5
 
 
+def test_a_run_without_clipping_resumes_from_its_own_command_line(tmp_path, capsys):
+    # As torchrun's restarted ranks do: the same command line, --clip-coef None included, and --resume.
+    argv = ["--env-id", "Bandit-v0", "--num-envs", "4", "--num-steps", "64", "--clip-coef", "None", "--kl-dtarg", "0.01",
+            "--save-model"]
+    assert run_main(ppo, tmp_path, capsys, *argv, "--total-timesteps", "512").returncode == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    beta = torch.load(run / "model.pt", weights_only=True)["kl_beta"]
+    out = run_main(ppo, tmp_path, capsys, *argv, "--total-timesteps", "768", "--resume", str(run))
+    assert out.returncode == 0, out.stderr
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["args"]["clip_coef"] == ppo.NO_CLIPPING and ckpt["global_step"] == 768
+    assert read_tags(run)[0]["losses/kl_beta"][-1] == beta  # the resumed run went on with the saved β
+
+
 def test_target_kl_stops_the_epochs_early(tmp_path, capsys):
     # 2 epochs x 4 minibatches = 8 steps an iteration; the first minibatch's KL is 0 (θ = θ_old), the
     # second's is not, so a KL target of 1e-9 stops after 2.

@@ -595,6 +595,16 @@ def test_adaptive_beta_halves_below_the_band_and_doubles_above_it(kl, beta):
     assert pc.adapt_kl_beta(1.0, kl, 0.01) == beta
 
 
+def test_the_batch_keeps_the_old_policy_while_the_update_moves_it():
+    # The update steps the agent that made the batch, as training does: log σ is a parameter that Adam
+    # changes in place, and the batch's log σ_old must not change with it.
+    agent, batch = bandit_batch()
+    before = batch.log_stds.clone()
+    pc.ppo_update(agent, torch.optim.Adam(agent.parameters(), lr=3e-2), batch, pc.Args(num_minibatches=4), pc.Ranks(), 1.0)
+    assert not torch.equal(agent.actor_logstd.detach().expand_as(before), before)  # σ moved
+    assert torch.equal(batch.log_stds, before)  # σ_old did not
+
+
 def test_the_kl_penalty_holds_the_policy_near_the_old_one():
     agent, batch = bandit_batch()
     def kl_after(beta):
