@@ -457,9 +457,9 @@ def test_log_pi_old_is_the_log_probability_under_the_policy_that_acted(tmp_path,
 
     real_update = pc.ppo_update
 
-    def recording_update(agent, optimizer, batch, args, ranks):
+    def recording_update(agent, optimizer, batch, *rest):
         stored.append(batch.logprobs.numpy().copy())
-        return real_update(agent, optimizer, batch, args, ranks)
+        return real_update(agent, optimizer, batch, *rest)
     monkeypatch.setattr(pc, "NumpyPolicy", RecordingPolicy)
     monkeypatch.setattr(pc, "ppo_update", recording_update)
     out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64",
