@@ -2,7 +2,7 @@
 
     python benchmarks/objectives.py benchmarks/results/ppo_continuous/objectives
 
-The folder holds one benchmark.py --out folder per setting (cpi, clip, kl-adapt, kl-fixed). As in
+The folder holds a benchmark.py --out folder per setting (cpi, clip, kl-adapt, kl-fixed) and env. As in
 the paper (Schulman et al. 2017, section 6.1): a run's score is the mean return of its last 100
 episodes; per env, a setting's score is the mean over its seeds, normalised so that a random
 policy scores 0 and the best setting 1; the table averages that over the envs. The random
@@ -11,6 +11,7 @@ Writes results.md (the table, beside the paper's) and curves.png into the folder
 """
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -44,8 +45,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("folder")
     a = p.parse_args(argv)
-    runs = {s: json.load(open(os.path.join(a.folder, s, "results.json"))) for s in SETTINGS
-            if os.path.isfile(os.path.join(a.folder, s, "results.json"))}
+    runs = {}
+    for s in SETTINGS:  # FOLDER/SETTING/ENV_ID/results.json, as kl_penalty.sh writes them
+        for path in sorted(glob.glob(os.path.join(a.folder, s, "**", "results.json"), recursive=True)):
+            with open(path) as f:
+                runs.setdefault(s, []).extend(json.load(f))
     if not runs:
         p.exit(2, f"objectives.py: no setting's results.json under {a.folder}\n")
     envs = sorted({r["env_id"] for results in runs.values() for r in results})
