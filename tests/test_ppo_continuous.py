@@ -620,6 +620,8 @@ def test_the_kl_penalty_holds_the_policy_near_the_old_one():
 def test_each_objective_trains_and_logs_its_beta(tmp_path, capsys, argv):
     tags = logged(tmp_path, capsys, "run", *argv)
     assert len(tags["losses/kl_beta"]) == 8 and all(math.isfinite(v) for v in tags["losses/policy_loss"])
+    if "--clip-coef" in argv:  # nothing is clipped
+        assert set(tags["losses/clipfrac"]) == {0.0}
     if "--kl-dtarg" in argv:  # from 1, halved or doubled after every update outside the band
         beta = tags["losses/kl_beta"]
         assert beta[0] == 1.0 and len(set(beta)) > 1
@@ -642,6 +644,10 @@ def test_adaptive_kl_learns_a_continuous_bandit(tmp_path, capsys):
     # β is the run's state: the checkpoint holds the value the next update would use.
     beta = read_tags(run)[0]["losses/kl_beta"][-1]
     assert ckpt["kl_beta"] in (beta / 2, beta, beta * 2)
+    # Resumed for one more iteration, the run goes on with that β, not with a new start at 1.
+    out = run_main(pc, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "8448")
+    assert out.returncode == 0, out.stderr
+    assert read_tags(run)[0]["losses/kl_beta"][-1] == ckpt["kl_beta"]
 
 
 def test_anneal_lr_falls_linearly_to_zero(tmp_path, capsys):
