@@ -9,10 +9,13 @@
 #
 #   SEEDS="2" benchmarks/atari.sh ppo     # ppo.py, Breakout and Pong, the seeds given (default 1 2 3)
 #   SEEDS="1" benchmarks/atari.sh a2c     # a2c.py, the same (default 1 2)
-#   CLEANRL=DIR GAME=Pong benchmarks/atari.sh cleanrl   # ppo.py seed 1 beside CleanRL's ppo_atari.py
-#   GAME=Pong benchmarks/atari.sh sb3     # a2c.py seed 1 beside SB3's A2C (rl-zoo's Atari settings)
+#   CLEANRL=DIR GAME=Pong benchmarks/atari.sh cleanrl   # ppo.py beside CleanRL's ppo_atari.py
+#   SEED=2 GAME=Pong benchmarks/atari.sh sb3     # a2c.py beside SB3's A2C (rl-zoo's Atari settings)
 #
 # One invocation per seed keeps each pair's results once it ends (benchmark.py writes at the end).
+# In a side-by-side pair (cleanrl, sb3; SEED, default 1, seeds both) the peer is stopped when ours
+# has run its STEPS, so both had the same wall time; compare_runs.py then compares them at the env
+# steps both reached (benchmark.py reports the stopped peer as FAILED; its TensorBoard log stays).
 #
 # CLEANRL is a folder holding CleanRL's ppo_atari.py and cleanrl_utils/, with a virtual environment
 # .venv of its own (gymnasium 0.29.1, ale-py 0.9.1, numpy<2, opencv-python-headless, tyro,
@@ -24,6 +27,19 @@ STEPS=${STEPS:-2000000}
 GAME=${GAME:-Breakout}
 GAMES="BreakoutNoFrameskip-v4 PongNoFrameskip-v4"
 bench() { python benchmarks/benchmark.py --ratio-runs 0 --extra "--total-timesteps $STEPS" "$@"; }
+# beside PEER_SCRIPT PEER_BENCH_FLAGS PEER_EXTRA OUR_SCRIPT OUT PEER_NAME: ours and the peer at once,
+# the peer stopped (SIGINT to its training process) once ours is done.
+beside() {
+  local env_id=${GAME}NoFrameskip-v4 seed=${SEED:-1}
+  bench --script "$4" --env-ids $env_id --seeds $seed --eval --out "$5/ours" &
+  local ours=$!
+  python benchmarks/benchmark.py --ratio-runs 0 --script "$1" $2 --env-ids $env_id --seeds $seed \
+      --extra "--total-timesteps $STEPS $3" --out "$5/$6" &
+  local peer=$!
+  wait $ours
+  pkill -INT -P $peer || true
+  wait $peer || true
+}
 case "${1:-}" in
   ppo) for seed in ${SEEDS:-1 2 3}; do
          bench --script ppo.py --env-ids $GAMES --seeds $seed --parallel 2 --eval --out benchmarks/results/ppo/atari-s$seed
@@ -32,14 +48,9 @@ case "${1:-}" in
          bench --script a2c.py --env-ids $GAMES --seeds $seed --parallel 2 --eval --out benchmarks/results/a2c/atari-s$seed
        done ;;
   cleanrl)
-    bench --script ppo.py --env-ids ${GAME}NoFrameskip-v4 --seeds 1 --eval --out benchmarks/results/ppo/atari-vs-cleanrl-${GAME}NoFrameskip-v4/ours &
-    python benchmarks/benchmark.py --ratio-runs 0 --script "$CLEANRL/ppo_atari.py" --python "$CLEANRL/.venv/bin/python" \
-        --env-ids ${GAME}NoFrameskip-v4 --seeds 1 --extra "--total-timesteps $STEPS --no-cuda" \
-        --out benchmarks/results/ppo/atari-vs-cleanrl-${GAME}NoFrameskip-v4/cleanrl
-    wait ;;
+    beside "$CLEANRL/ppo_atari.py" "--python $CLEANRL/.venv/bin/python" "--no-cuda" ppo.py \
+        benchmarks/results/ppo/atari-vs-cleanrl-${GAME}NoFrameskip-v4 cleanrl ;;
   sb3)
-    bench --script a2c.py --env-ids ${GAME}NoFrameskip-v4 --seeds 1 --eval --out benchmarks/results/a2c/atari-vs-sb3-${GAME}NoFrameskip-v4/ours &
-    bench --script benchmarks/sb3_a2c.py --env-ids ${GAME}NoFrameskip-v4 --seeds 1 --out benchmarks/results/a2c/atari-vs-sb3-${GAME}NoFrameskip-v4/sb3
-    wait ;;
+    beside benchmarks/sb3_a2c.py "" "" a2c.py benchmarks/results/a2c/atari-vs-sb3-${GAME}NoFrameskip-v4 sb3 ;;
   *) echo "usage: $0 ppo|a2c|cleanrl|sb3" >&2; exit 2 ;;
 esac
