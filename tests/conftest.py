@@ -15,10 +15,36 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts live at the repo root, importable without training
 
 
-def run_script(script, cwd, *argv, timeout=240):
+def run_script(script, cwd, *argv, timeout=240, env=None):
+    """Run `script` with `argv` in `cwd`, as a user's shell would (`env`: variables to set or, as None, unset)."""
     os.makedirs(cwd, exist_ok=True)
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
     return subprocess.run([sys.executable, str(ROOT / script), *argv], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, env=environ)
+
+
+def wandb_records(cwd):
+    """The bytes of each offline W&B run under `cwd`/wandb (its .wandb log), by run directory name."""
+    return {run.name: next(run.glob("*.wandb")).read_bytes() for run in (Path(cwd) / "wandb").glob("offline-run-*")}
+
+
+def toy_env_module(folder, name):
+    """Write `folder/name.py`, a module that registers an env when imported, as a user's own package would
+    (action 1 pays 1, action 0 nothing; one step an episode). Returns the --env-id that names it, `name:Id-v0`."""
+    env_id = name.title().replace("_", "") + "-v0"
+    Path(folder, f"{name}.py").write_text(
+        "import gymnasium as gym\n"
+        "import numpy as np\n\n\n"
+        "class Pays(gym.Env):\n"
+        "    observation_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32)\n"
+        "    action_space = gym.spaces.Discrete(2)\n\n"
+        "    def reset(self, seed=None, options=None):\n"
+        "        super().reset(seed=seed)\n"
+        "        return np.ones(2, np.float32), {}\n\n"
+        "    def step(self, action):\n"
+        "        return np.ones(2, np.float32), float(action == 1), True, False, {}\n\n\n"
+        f"gym.register({env_id!r}, entry_point=Pays)\n")
+    return f"{name}:{env_id}"
 
 
 def run_twice(script, cwd, *argv, timeout=240):
