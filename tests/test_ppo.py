@@ -1100,8 +1100,10 @@ def collectives_as_rank(rank):
     mine = ppo.Batch(*(getattr(batch, f)[half] for f in ("obs", "actions", "logprobs", "values", "advantages",
                                                           "returns")), valid=torch.arange(64),
                      policies=batch.policies[half])
-    out = {"update": parameters(update(agent, mine, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9,
-                                       ranks=ranks)[0])}
+    updated = update(agent, mine, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9, ranks=ranks)[0]
+    out = {"update": parameters(updated)}
+    # The KL that adapts β: over both halves, and, for comparison, over this rank's half alone.
+    out["kl_d"], out["kl_d_alone"] = (ppo.mean_exact_kl(updated, mine, r) for r in (ranks, ppo.Ranks()))
     if rank == 0:  # its KL estimate e^-0.5 - 1 + 0.5 = 0.107 from the first minibatch; rank 1's 0 there
         mine.logprobs = mine.logprobs + 0.5
     kl_agent, stats = update(agent, mine, lr=1e-4, target_kl=0.01, ranks=ranks)
@@ -1134,6 +1136,15 @@ def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_
     for rank in collectives:
         torch.testing.assert_close(rank["update"], alone, rtol=0, atol=1e-6)
     assert torch.equal(collectives[0]["update"], collectives[1]["update"])
+
+
+def test_the_adaptive_penalty_s_kl_is_the_mean_over_every_rank_s_batch(collectives):
+    agent, batch = bandit_batch(128)
+    d = ppo.mean_exact_kl(update(agent, batch, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9)[0], batch,
+                          ppo.Ranks())
+    assert d > 0 and collectives[0]["kl_d_alone"] != collectives[1]["kl_d_alone"]  # the halves' KLs differ
+    for rank in collectives:  # so every rank adapts β alike, from the whole batch's KL
+        assert rank["kl_d"] == pytest.approx(d, rel=1e-6)
 
 
 def test_the_kl_stop_is_taken_by_all_ranks_together(collectives):

@@ -1,0 +1,52 @@
+"""benchmarks/plot.py, the plotting command for runs a user already has (README, "Plot your runs")."""
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import plot  # noqa: E402
+
+
+def fake_run(folder, name, returns, steps):
+    """A run directory as the scripts write it: its episodes' returns at env steps, and an SPS line."""
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(folder / "runs" / name)
+    for r, step in zip(returns, steps):
+        writer.add_scalar("charts/episodic_return", r, step)
+        writer.add_scalar("charts/SPS", 1000, step)
+    writer.close()
+
+
+def test_runs_are_grouped_by_experiment_and_env_and_read_as_logged(tmp_path):
+    fake_run(tmp_path, "CartPole-v1__ppo__1__100", [10.0, 20.0, 30.0], [100, 200, 300])
+    fake_run(tmp_path, "CartPole-v1__ppo__2__100", [40.0, 50.0], [150, 250])
+    fake_run(tmp_path, "CartPole-v1__fast__1__100", [5.0], [100])  # --exp-name fast: its own group
+    runs = sorted(plot.read(str(tmp_path)), key=lambda r: (r["script"], r["seed"]))
+    assert [(r["script"], r["env_id"], r["seed"]) for r in runs] == [
+        ("fast", "CartPole-v1", 1), ("ppo", "CartPole-v1", 1), ("ppo", "CartPole-v1", 2)]
+    assert runs[1]["curve"]["returns"] == [10.0, 20.0, 30.0] and runs[1]["curve"]["steps"] == [100, 200, 300]
+    assert runs[2]["curve"]["returns"] == [40.0, 50.0]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None,
+                    reason="needs matplotlib (pip install -r benchmarks/requirements.txt)")
+def test_plot_writes_a_png(tmp_path, capsys):
+    for seed in (1, 2):
+        fake_run(tmp_path, f"CartPole-v1__ppo__{seed}__100", np.arange(50.0) * seed, np.arange(50) * 100)
+    plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "curves.png")])
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "2 runs in 1 groups" in capsys.readouterr().out
+
+
+def test_a_path_with_no_runs_is_one_line(tmp_path, capsys):
+    for argv in ([str(tmp_path / "nowhere")], [str(tmp_path)]):
+        with pytest.raises(SystemExit) as e:
+            plot.main(argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("plot.py: "), err
