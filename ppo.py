@@ -298,7 +298,7 @@ def make_envs(args: Args, num_envs: int, run_name: str = "", record_every_env: b
             probe.close()
         except Exception as e:  # noqa: BLE001 (no OpenGL is a mujoco.FatalError, or an ImportError deep in PyOpenGL)
             gl = f"; MUJOCO_GL={os.environ['MUJOCO_GL']}: install EGL (libegl1) or OSMesa (libosmesa6 and " \
-                 "MUJOCO_GL=osmesa)" if "mujoco" in spec.entry_point and "MUJOCO_GL" in os.environ else ""
+                 "MUJOCO_GL=osmesa)" if "mujoco" in str(spec.entry_point) and "MUJOCO_GL" in os.environ else ""
             raise UserError(f"--capture-video cannot render {env_id}: {str(e).strip().splitlines()[0]}{gl}") from None
         warnings.filterwarnings("ignore", ".*Overwriting existing videos")  # one folder, a new run's, for every env
     try:
@@ -1247,6 +1247,7 @@ def report_end(exit_code: int, global_step: int) -> None:
 
 def train(args: Args, resume: Optional[dict] = None) -> None:
     """Train from scratch, or from the checkpoint `resume` on (see `resumed_args`)."""
+    render_offscreen(args.capture_video)  # a resumed run's --capture-video is the checkpoint's
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
@@ -1373,6 +1374,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
 
 def evaluate(args: Args) -> None:
     """Run the deterministic policy of a saved model for `eval_episodes` episodes; train nothing."""
+    render_offscreen(args.capture_video)
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
@@ -1421,7 +1423,6 @@ def evaluate(args: Args) -> None:
 
 def main(argv: Optional[list[str]] = None) -> None:
     args = clipping_as_given(tyro.cli(Args, args=argv, description=__doc__.split("\n\n")[0]), argv)
-    render_offscreen(args.capture_video)
     try:
         resume = args.resume or (restarted_run() if not args.eval_checkpoint else None)  # torchrun's restarts
         if resume:

@@ -878,6 +878,32 @@ def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path)
     assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
 
 
+class Unrenderable(gym.Env):
+    """An env registered by its class (as a user's often is) whose rendering fails."""
+    observation_space, action_space = gym.spaces.Box(0.0, 1.0, (2,), np.float32), gym.spaces.Discrete(2)
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 30}
+
+    def __init__(self, render_mode=None):
+        self.render_mode = render_mode
+
+    def reset(self, seed=None, options=None):
+        return np.zeros(2, np.float32), {}
+
+    def render(self):
+        raise RuntimeError("no screen here\nand a second line")
+
+
+gym.register("PpoUnrenderable-v0", entry_point=Unrenderable)
+
+
+def test_an_env_that_cannot_render_is_one_line(tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(ppo.importlib.util, "find_spec",  # as if moviepy were installed
+                        lambda name, *a: object() if name == "moviepy" else real_find_spec(name, *a))
+    one_line_error(run_main(ppo, tmp_path, capsys, "--env-id", "PpoUnrenderable-v0", *SMALL, "--capture-video"),
+                   "ppo.py", "--capture-video cannot render PpoUnrenderable-v0: no screen here")
+
+
 def test_track_without_wandb(tmp_path, capsys, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(ppo.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
