@@ -20,6 +20,7 @@ Gymnasium 1.x: no n-step return runs across an episode's end; a truncated episod
 limit) bootstraps from V(final observation), a terminated one does not.
 """
 
+import glob
 import importlib.util
 import math
 import os
@@ -27,6 +28,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Literal, Optional
@@ -60,14 +62,22 @@ class Args:
     cuda: bool = False
     """if toggled, train on the GPU (off: small MLPs are faster on the CPU)"""
     capture_video: bool = False
-    """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
+    """if toggled, record videos to `videos/RUN/` (needs moviepy): of env 0 while training; with --eval-checkpoint,
+    of every evaluated episode (Atari: the 84x84 frames the agent sees)"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb): the TensorBoard
+    scalars, the flags, and the videos"""
+    wandb_project_name: str = "policy-gradients"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
     save_model: bool = False
     """if toggled, save the model to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
     checkpoint_every: float = 600.0
     """with --save-model, also write the checkpoint every this many seconds (at an update's end)"""
     resume: Optional[str] = None
     """continue this run (its directory or its model.pt) where its checkpoint left it, with its flags;
-    given again, only --total-timesteps, --checkpoint-every, --save-model and --cuda may differ"""
+    given again, only --total-timesteps, --checkpoint-every, --save-model, --cuda and the --track flags may differ"""
 
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete or Box actions)"""
@@ -172,12 +182,14 @@ def check_args(args: Args) -> None:
                         f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}"
                         + (f", x {world_size} ranks" if world_size > 1 else "") + ")")
     if looks_atari(args.env_id):  # ale-py's vector env
-        if args.capture_video:
-            raise UserError(f"--capture-video does not support Atari ids yet ({args.env_id})")
+        if args.capture_video and not args.eval_checkpoint:
+            raise UserError(f"--capture-video records Atari ids ({args.env_id}) only with --eval-checkpoint")
         if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
             raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UserError("--track needs Weights & Biases: pip install wandb")
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be 0 or more seconds, got {args.checkpoint_every}")
     if args.atari_noop_max < 0:
@@ -195,8 +207,15 @@ def check_args(args: Args) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """The registered spec of `env_id`; `module:EnvId-v0` imports `module` first, as gym.make does."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"cannot import {module!r} for --env-id {env_id} ({e})") from None
     try:
-        return gym.spec(env_id)
+        return gym.spec(name)
     except gym.error.Error as e:
         hint = " (Atari ids need ale-py: pip install ale-py)" if ale_py is None and looks_atari(env_id) else ""
         raise UserError(f"unknown env id {env_id!r} ({e}){hint}") from None
@@ -228,35 +247,50 @@ def observes_frames(env_id: str) -> bool:
     return is_image(probe.observation_space)
 
 
-def make_envs(args: Args, num_envs: int, run_name: str = "") -> gym.vector.VectorEnv:
+def render_offscreen(capture_video: bool) -> None:
+    """With no display, record videos off screen: MuJoCo through EGL, SDL (classic control) to no window and
+    no noise. Set before either is imported (the first gym.make); a user's own setting wins."""
+    if capture_video and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
+def make_envs(args: Args, num_envs: int, run_name: str = "", record_every_env: bool = False) -> gym.vector.VectorEnv:
     """N copies of `args.env_id` stepping together, with episode statistics recorded.
 
     The env's own vectorised implementation is used where it has one (CartPole's steps all
     envs in one numpy call), otherwise a SyncVectorEnv; both autoreset NEXT_STEP, which
     Gymnasium's vector-level normalisation wrappers (`add_normalization`) require.
-    Atari ids get ale-py's vector env (`make_atari_envs`), NEXT_STEP too.
+    Atari ids get ale-py's vector env (`make_atari_envs`), NEXT_STEP too. With --capture-video,
+    env 0 is filmed, or with `record_every_env` (evaluation) each env's first episode.
     """
     env_id, capture_video = args.env_id, args.capture_video
     spec = env_spec(env_id)
     if is_atari(spec):
-        return make_atari_envs(args, spec, num_envs)
-    if capture_video:  # rendering may need a package of its own (pygame for classic control)
+        envs = make_atari_envs(args, spec, num_envs)
+        return RecordGames(envs, f"videos/{run_name}") if capture_video else envs
+    if capture_video:  # rendering needs a package of its own (pygame), or OpenGL (MuJoCo)
         try:
             probe = gym.make(env_id, render_mode="rgb_array")
             probe.reset(seed=args.seed)
             probe.render()
             probe.close()
-        except gym.error.DependencyNotInstalled as e:
-            raise UserError(f"--capture-video cannot render {env_id}: {e}") from None
+        except Exception as e:  # noqa: BLE001 (no OpenGL is a mujoco.FatalError, or an ImportError deep in PyOpenGL)
+            gl = f"; MUJOCO_GL={os.environ['MUJOCO_GL']}: install EGL (libegl1) or OSMesa (libosmesa6 and " \
+                 "MUJOCO_GL=osmesa)" if "mujoco" in str(spec.entry_point) and "MUJOCO_GL" in os.environ else ""
+            raise UserError(f"--capture-video cannot render {env_id}: {str(e).strip().splitlines()[0]}{gl}") from None
+        warnings.filterwarnings("ignore", ".*Overwriting existing videos")  # one folder, a new run's, for every env
     try:
         if spec.vector_entry_point is not None and not capture_video:
             envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
         else:
             def thunk(i):
                 def make():
+                    if capture_video and record_every_env:  # the one episode of this env that is evaluated
+                        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), f"videos/{run_name}",
+                                                        name_prefix=f"eval-{i}", episode_trigger=lambda e: e == 0)
                     if capture_video and i == 0:
-                        env = gym.make(env_id, render_mode="rgb_array")
-                        return gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+                        return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), f"videos/{run_name}")
                     return gym.make(env_id)
                 return make
             envs = gym.vector.SyncVectorEnv([thunk(i) for i in range(num_envs)],
@@ -322,6 +356,37 @@ class AtariLearnerView(gym.vector.VectorWrapper):
         info["atari_game_over"] = terminations | truncations
         rewards, terminations, self.lives = learner_signal(rewards, terminations, info["lives"], self.lives,
                                                            self.episodic_life, self.clip_reward)
+        return obs, rewards, terminations, truncations, info
+
+
+class RecordGames(gym.vector.VectorWrapper):
+    """Evaluation's videos of an Atari game, `FOLDER/eval-I.mp4`: env I's first game as the agent sees it,
+    the newest 84x84 frame of each observation, twice the size. (ale-py's vector env renders nothing.)"""
+
+    def __init__(self, envs: gym.vector.VectorEnv, folder: str, fps: int = 15):  # 60 Hz / frame skip 4
+        super().__init__(envs)
+        self.folder, self.fps = folder, fps
+        self.games = [[] for _ in range(envs.num_envs)]
+        self.filming = np.ones(envs.num_envs, bool)
+
+    def film(self, obs: np.ndarray) -> None:
+        for i in np.flatnonzero(self.filming):
+            self.games[i].append(np.repeat(np.repeat(obs[i, -1], 2, 0), 2, 1))
+
+    def reset(self, **kwargs):
+        obs, info = self.env.reset(**kwargs)
+        self.film(obs)
+        return obs, info
+
+    def step(self, actions):
+        obs, rewards, terminations, truncations, info = self.env.step(actions)
+        self.film(obs)
+        for i in np.flatnonzero(self.filming & info.get("_episode", np.zeros(self.num_envs, bool))):  # game over
+            from moviepy import ImageSequenceClip
+            os.makedirs(self.folder, exist_ok=True)
+            grey = np.stack(self.games[i])[..., None].repeat(3, -1)
+            ImageSequenceClip(list(grey), fps=self.fps).write_videofile(f"{self.folder}/eval-{i}.mp4", logger=None)
+            self.filming[i], self.games[i] = False, []
         return obs, rewards, terminations, truncations, info
 
 
@@ -1017,7 +1082,8 @@ def load_checkpoint(path: str, env_id: str, envs) -> dict:
 
 
 # Flags a resumed run may be given anew; any other would make it a different run than the one saved.
-RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resume"}
+RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resume", "track", "wandb_project_name",
+             "wandb_entity"}
 
 
 def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
@@ -1134,10 +1200,16 @@ class StopRequest:
             signal.signal(signum, previous)
 
 
+def folder_name(env_id: str) -> str:
+    """The env id as part of a folder's name: ALE/Breakout-v5 and mypkg:MyEnv-v0 are no folder names."""
+    return env_id.replace("/", "-").replace(":", "-")
+
+
 def make_run_dir(run_name: str, capture_video: bool) -> str:
-    """runs/RUN (and videos/RUN), made first: a directory that cannot be written is one line, not a late crash."""
+    """runs/RUN (and videos/, where RecordVideo makes videos/RUN), made first: a directory that cannot be written is
+    one line, not a late crash."""
     run_dir = f"runs/{run_name}"
-    for path in [run_dir] + ([f"videos/{run_name}"] if capture_video else []):
+    for path in [run_dir] + (["videos"] if capture_video else []):  # RecordVideo makes videos/RUN
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
@@ -1147,6 +1219,25 @@ def make_run_dir(run_name: str, capture_video: bool) -> str:
 
 # How training ended, by exit code (None: an exception is on its way out).
 ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
+
+
+def start_tracking(args: Args, run_dir: str):
+    """A Weights & Biases run (--track), started before the SummaryWriter: patched, it sends W&B each scalar
+    it writes (reading the event files back instead, sync_tensorboard=True, costs ~10 s at the end). The
+    run's name is its id, so a resumed run goes on in the same W&B run."""
+    import wandb
+    wandb.tensorboard.patch(root_logdir=run_dir, pytorch=True, save=False)
+    run_name = os.path.basename(run_dir)
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_name,
+                      resume="allow", config=asdict(args), save_code=True)
+
+
+def finish_tracking(tracker, video_folder: str, exit_code: Optional[int]) -> None:
+    """Upload the videos recorded in `video_folder` and close the W&B run (a crash, None, is exit code 1)."""
+    import wandb
+    for path in sorted(glob.glob(f"{video_folder}/*.mp4")):
+        tracker.log({f"videos/{os.path.basename(path)[: -len('.mp4')]}": wandb.Video(path)})
+    tracker.finish(exit_code=1 if exit_code is None else exit_code)
 
 
 def speaks() -> bool:
@@ -1167,12 +1258,13 @@ def report_end(exit_code: int, global_step: int) -> None:
 
 def train(args: Args, resume: Optional[dict] = None) -> None:
     """Train from scratch, or from the checkpoint `resume` on (see `resumed_args`)."""
+    render_offscreen(args.capture_video)  # a resumed run's --capture-video is the checkpoint's
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
     device = select_device(args)
     ranks = join_ranks(device)
-    run_name = f"{args.env_id.replace('/', '-')}__{args.exp_name}__{args.seed}__{int(time.time())}"  # ALE/... is no folder
+    run_name = f"{folder_name(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
     seed_everything(args, frames)
     seed = rank_seed(args.seed, ranks)
@@ -1204,6 +1296,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     start_alike(agent, global_step, ranks)
     statistics = RankStatistics([obs_norm and obs_norm.obs_rms, reward_norm and reward_norm.return_rms], ranks)
 
+    tracker = start_tracking(args, run_dir) if args.track and ranks.rank == 0 else None
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
     # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
@@ -1287,20 +1380,26 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
+        if tracker:
+            finish_tracking(tracker, f"videos/{run_name}", exit_code)
         leave_ranks(ranks)
     report_end(exit_code, global_step)
 
 
 def evaluate(args: Args) -> None:
     """Run the deterministic policy of a saved model for `eval_episodes` episodes; train nothing."""
+    render_offscreen(args.capture_video)
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
     args = as_trained(args)
     device = select_device(args)
     seed_everything(args, frames)
+    run_name = f"{folder_name(args.env_id)}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    if args.capture_video:  # the videos' folder must be writable before the episodes are played
+        make_run_dir(run_name, True)
     # One env per episode, so short episodes are not over-represented in the mean.
-    envs = make_envs(replace(args, capture_video=False), args.eval_episodes)
+    envs = make_envs(args, args.eval_episodes, run_name, record_every_env=True)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
     agent = ActorCritic(envs.single_observation_space.shape, envs.single_action_space).to(device)
     agent.bf16 = use_bf16(args.cnn_precision, frames, device)
@@ -1328,11 +1427,17 @@ def evaluate(args: Args) -> None:
 
     print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
           f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
+    if args.capture_video:
+        print(f"eval: videos in videos/{run_name}/")
+    run_dir = make_run_dir(run_name, False)  # an unwritable folder costs the log, not the result printed above
+    tracker = start_tracking(args, run_dir) if args.track else None
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(make_run_dir(f"{args.env_id.replace('/', '-')}__{args.exp_name}-eval__{args.seed}__{int(time.time())}", False))
+    writer = SummaryWriter(run_dir)
     for i, r in enumerate(returns):
         writer.add_scalar("eval/episodic_return", r, i)
     writer.close()
+    if tracker:
+        finish_tracking(tracker, f"videos/{run_name}", 0)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -1196,7 +1196,8 @@ def folder_name(env_id: str) -> str:
 
 
 def make_run_dir(run_name: str, capture_video: bool) -> str:
-    """runs/RUN (and videos/RUN), made first: a directory that cannot be written is one line, not a late crash."""
+    """runs/RUN (and videos/, where RecordVideo makes videos/RUN), made first: a directory that cannot be written is
+    one line, not a late crash."""
     run_dir = f"runs/{run_name}"
     for path in [run_dir] + (["videos"] if capture_video else []):  # RecordVideo makes videos/RUN
         try:

@@ -17,6 +17,7 @@ normalised exactly as every other observation of its batch, and the statistics g
 checkpoint and are used, frozen, to evaluate it.
 """
 
+import glob
 import importlib.util
 import math
 import os
@@ -24,6 +25,7 @@ import random
 import signal
 import sys
 import time
+import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -50,14 +52,22 @@ class Args:
     cuda: bool = False
     """if toggled, train on the GPU (off: small MLPs are faster on the CPU)"""
     capture_video: bool = False
-    """if toggled, record videos of env 0 to `videos/RUN/` (needs moviepy)"""
+    """if toggled, record videos to `videos/RUN/` (needs moviepy): of env 0 while training; with --eval-checkpoint,
+    of every evaluated episode"""
+    track: bool = False
+    """if toggled, this experiment will be tracked with Weights and Biases (needs wandb): the TensorBoard
+    scalars, the flags, and the videos"""
+    wandb_project_name: str = "policy-gradients"
+    """the wandb's project name"""
+    wandb_entity: Optional[str] = None
+    """the entity (team) of wandb's project"""
     save_model: bool = False
     """if toggled, save the model and normalisation statistics to `runs/RUN/model.pt` (also on Ctrl-C, SIGTERM and a NaN)"""
     checkpoint_every: float = 600.0
     """with --save-model, also write the checkpoint every this many seconds (at an iteration's end)"""
     resume: Optional[str] = None
     """continue this run (its directory or its model.pt) where its checkpoint left it, with its flags;
-    given again, only --total-timesteps, --checkpoint-every, --save-model and --cuda may differ"""
+    given again, only --total-timesteps, --checkpoint-every, --save-model, --cuda and the --track flags may differ"""
 
     env_id: str = "HalfCheetah-v5"
     """the id of the environment (a Box action space)"""
@@ -152,6 +162,8 @@ def check_args(args: Args) -> None:
         raise UserError(f"--checkpoint-every must be 0 or more seconds, got {args.checkpoint_every}")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
         raise UserError("--capture-video needs moviepy: pip install moviepy")
+    if args.track and importlib.util.find_spec("wandb") is None:
+        raise UserError("--track needs Weights & Biases: pip install wandb")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
         raise UserError("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
     if args.learning_rate <= 0 or args.max_grad_norm <= 0 or (args.clip_coef is not None and args.clip_coef <= 0):
@@ -168,33 +180,60 @@ def check_args(args: Args) -> None:
 # Environments
 # ---------------------------------------------------------------------------------------------
 
-def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False,
-              run_name: str = "") -> gym.vector.VectorEnv:
+def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
+    """The registered spec of `env_id`; `module:EnvId-v0` imports `module` first, as gym.make does."""
+    module, _, name = env_id.rpartition(":")
+    if module:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise UserError(f"cannot import {module!r} for --env-id {env_id} ({e})") from None
+    try:
+        return gym.spec(name)
+    except gym.error.Error as e:
+        raise UserError(f"unknown env id {env_id!r} ({e})") from None
+
+
+def render_offscreen(capture_video: bool) -> None:
+    """With no display, record videos off screen: MuJoCo through EGL, SDL (classic control) to no window and
+    no noise. Set before either is imported (the first gym.make); a user's own setting wins."""
+    if capture_video and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
+        os.environ.setdefault("MUJOCO_GL", "egl")
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
+
+
+def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False, run_name: str = "",
+              record_every_env: bool = False) -> gym.vector.VectorEnv:
     """N copies of `env_id` in a SyncVectorEnv that autoresets SAME_STEP, with episode statistics.
 
     SAME_STEP wastes no step on resets and hands over each ended episode's final observation
     in `info`. Normalisation is not done by Gymnasium's wrappers: the vector-level ones accept
     only NEXT_STEP autoreset, and the per-env ones would keep N different sets of statistics
-    (N policies, in effect). This file normalises the whole batch itself (see `train`).
+    (N policies, in effect). This file normalises the whole batch itself (see `train`), so the
+    videos show the env as it is. With --capture-video, env 0 is filmed, or with
+    `record_every_env` (evaluation) each env's first episode.
     """
-    try:
-        gym.spec(env_id)
-    except gym.error.Error as e:
-        raise UserError(f"unknown env id {env_id!r} ({e})") from None
-    if capture_video:  # rendering may need a package of its own (pygame for classic control)
+    spec = env_spec(env_id)
+    if capture_video:  # rendering needs a package of its own (pygame), or OpenGL (MuJoCo)
         try:
             probe = gym.make(env_id, render_mode="rgb_array")
             probe.reset(seed=seed)
             probe.render()
             probe.close()
-        except gym.error.DependencyNotInstalled as e:
-            raise UserError(f"--capture-video cannot render {env_id}: {e}") from None
+        except Exception as e:  # noqa: BLE001 (no OpenGL is a mujoco.FatalError, or an error deep in PyOpenGL)
+            # str(): an entry point may be the env's class itself
+            gl = f"; MUJOCO_GL={os.environ['MUJOCO_GL']}: install EGL (libegl1) or OSMesa (libosmesa6 and " \
+                 "MUJOCO_GL=osmesa)" if "mujoco" in str(spec.entry_point) and "MUJOCO_GL" in os.environ else ""
+            raise UserError(f"--capture-video cannot render {env_id}: {str(e).strip().splitlines()[0]}{gl}") from None
+        warnings.filterwarnings("ignore", ".*Overwriting existing videos")  # one folder, a new run's, for every env
 
     def thunk(i):
         def make():
+            if capture_video and record_every_env:  # the one episode of this env that is evaluated
+                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), f"videos/{run_name}",
+                                                name_prefix=f"eval-{i}", episode_trigger=lambda e: e == 0)
             if capture_video and i == 0:
-                env = gym.make(env_id, render_mode="rgb_array")
-                return gym.wrappers.RecordVideo(env, f"videos/{run_name}")
+                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), f"videos/{run_name}")
             return gym.make(env_id)
         return make
     try:
@@ -859,7 +898,8 @@ def load_checkpoint(path: str, env_id: str, envs) -> dict:
 
 
 # Flags a resumed run may be given anew; any other would make it a different run than the one saved.
-RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resume"}
+RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resume", "track", "wandb_project_name",
+             "wandb_entity"}
 
 
 def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
@@ -966,10 +1006,16 @@ class StopRequest:
             signal.signal(signum, previous)
 
 
+def folder_name(env_id: str) -> str:
+    """The env id as part of a folder's name: ALE/Breakout-v5 and mypkg:MyEnv-v0 are no folder names."""
+    return env_id.replace("/", "-").replace(":", "-")
+
+
 def make_run_dir(run_name: str, capture_video: bool) -> str:
-    """runs/RUN (and videos/RUN), made first: a directory that cannot be written is one line, not a late crash."""
+    """runs/RUN (and videos/, where RecordVideo makes videos/RUN), made first: a directory that cannot be written is
+    one line, not a late crash."""
     run_dir = f"runs/{run_name}"
-    for path in [run_dir] + ([f"videos/{run_name}"] if capture_video else []):
+    for path in [run_dir] + (["videos"] if capture_video else []):  # RecordVideo makes videos/RUN
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:
@@ -979,6 +1025,25 @@ def make_run_dir(run_name: str, capture_video: bool) -> str:
 
 # How training ended, by exit code (None: an exception is on its way out).
 ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
+
+
+def start_tracking(args: Args, run_dir: str):
+    """A Weights & Biases run (--track), started before the SummaryWriter: patched, it sends W&B each scalar
+    it writes (reading the event files back instead, sync_tensorboard=True, costs ~10 s at the end). The
+    run's name is its id, so a resumed run goes on in the same W&B run."""
+    import wandb
+    wandb.tensorboard.patch(root_logdir=run_dir, pytorch=True, save=False)
+    run_name = os.path.basename(run_dir)
+    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_name,
+                      resume="allow", config=asdict(args), save_code=True)
+
+
+def finish_tracking(tracker, video_folder: str, exit_code: Optional[int]) -> None:
+    """Upload the videos recorded in `video_folder` and close the W&B run (a crash, None, is exit code 1)."""
+    import wandb
+    for path in sorted(glob.glob(f"{video_folder}/*.mp4")):
+        tracker.log({f"videos/{os.path.basename(path)[: -len('.mp4')]}": wandb.Video(path)})
+    tracker.finish(exit_code=1 if exit_code is None else exit_code)
 
 
 def speaks() -> bool:
@@ -999,10 +1064,11 @@ def report_end(exit_code: int, global_step: int) -> None:
 
 def train(args: Args, resume: Optional[dict] = None) -> None:
     """Train from scratch, or from the checkpoint `resume` on (see `resumed_args`)."""
+    render_offscreen(args.capture_video)  # a resumed run's --capture-video is the checkpoint's
     check_args(args)
     device = select_device(args)
     ranks = join_ranks(device)
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = f"{folder_name(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
     seed_everything(args)
     seed = rank_seed(args.seed, ranks)
@@ -1030,6 +1096,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             rng = np.random.default_rng([seed, global_step])
     start_alike(agent, global_step, ranks)
 
+    tracker = start_tracking(args, run_dir) if args.track and ranks.rank == 0 else None
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
     # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
@@ -1123,6 +1190,8 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
         writer.close()
         envs.close()
+        if tracker:
+            finish_tracking(tracker, f"videos/{run_name}", exit_code)
         leave_ranks(ranks)
     report_end(exit_code, global_step)
 
@@ -1133,11 +1202,15 @@ def evaluate(args: Args) -> None:
     Observations are standardised with the statistics saved in the checkpoint, frozen: the
     policy learned on standardised inputs, and without them it acts all but at random.
     """
+    render_offscreen(args.capture_video)
     check_args(args)
     select_device(args)  # only to warn about a missing GPU: evaluation acts in numpy
     seed_everything(args)
+    run_name = f"{folder_name(args.env_id)}__{args.exp_name}-eval__{args.seed}__{int(time.time())}"
+    if args.capture_video:  # the videos' folder must be writable before the episodes are played
+        make_run_dir(run_name, True)
     # One env per episode, so short episodes are not over-represented in the mean.
-    envs = make_envs(args.env_id, args.eval_episodes, args.seed)
+    envs = make_envs(args.env_id, args.eval_episodes, args.seed, args.capture_video, run_name, record_every_env=True)
     ckpt = load_checkpoint(args.eval_checkpoint, args.env_id, envs)
     agent = Agent(envs.single_observation_space.shape[0], envs.single_action_space.shape[0])
     try:
@@ -1162,11 +1235,17 @@ def evaluate(args: Args) -> None:
     how = "the mean action" if args.eval_deterministic else "sampled actions"
     print(f"eval: {args.eval_episodes} episodes of {args.env_id} ({how}): "
           f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
+    if args.capture_video:
+        print(f"eval: videos in videos/{run_name}/")
+    run_dir = make_run_dir(run_name, False)  # an unwritable folder costs the log, not the result printed above
+    tracker = start_tracking(args, run_dir) if args.track else None
     from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(make_run_dir(f"{args.env_id}__{args.exp_name}-eval__{args.seed}__{int(time.time())}", False))
+    writer = SummaryWriter(run_dir)
     for i, r in enumerate(returns):
         writer.add_scalar("eval/episodic_return", r, i)
     writer.close()
+    if tracker:
+        finish_tracking(tracker, f"videos/{run_name}", 0)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

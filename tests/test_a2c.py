@@ -1,6 +1,7 @@
 """Tests of a2c.py: n-step returns and each loss term against numbers worked out by hand, the
 signs of the combined loss, the rollout's episode boundaries, and the script end to end."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -18,7 +19,8 @@ from gymnasium.vector import AutoresetMode
 import a2c
 from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
                       one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script,
-                      ScriptedAtari, stop_one_rank, collectives_then_training, free_port)
+                      ScriptedAtari, stop_one_rank, collectives_then_training, free_port, toy_env_module,
+                      wandb_records)
 
 
 def cols(rows, dtype=np.float32):
@@ -295,7 +297,7 @@ def test_same_seed_same_returns(tmp_path):
     (["--atari-noop-max", "-1"], ["--atari-noop-max must be 0 or more"]),
     (["--atari-sticky-actions", "2"], ["--atari-sticky-actions must lie in [0, 1]"]),
     (["--atari-frame-stack", "0"], ["--atari-frame-stack must be positive"]),
-    (["--env-id", "ALE/Breakout-v5", "--capture-video"], ["--capture-video does not support Atari ids"]),
+    (["--env-id", "ALE/Breakout-v5", "--capture-video"], ["--capture-video records Atari ids (ALE/Breakout-v5) only with --eval-checkpoint"]),
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 16"]),
     (["--env-id", "CarRacing-v3"], ["CarRacing-v3 has observation space", "(96, 96, 3)"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
@@ -741,6 +743,56 @@ def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     score = float(out.stdout.split("eval: 1 episodes of PongNoFrameskip-v4: return ")[1].split()[0])
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
+    if importlib.util.find_spec("moviepy") is not None:  # the game on film, as the agent saw it
+        out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
+                       str(run / "model.pt"), "--eval-episodes", "1", "--capture-video")
+        assert out.returncode == 0, out.stderr
+        (video,) = (tmp_path / "videos").glob("PongNoFrameskip-v4__a2c-eval__1__*/eval-0.mp4")
+        assert video.stat().st_size > 10_000
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
+                    reason="needs wandb and moviepy (pip install wandb moviepy)")
+def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path):
+    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
+    out = run_script("a2c.py", tmp_path, "--total-timesteps", "1024", "--num-envs", "4", "--save-model", "--track",
+                     env=offline)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    out = run_script("a2c.py", tmp_path, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2",
+                     "--capture-video", "--track", env=offline)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "WARN" not in out.stderr
+    videos = sorted(p.name for p in (tmp_path / "videos").glob("CartPole-v1__a2c-eval__1__*/*.mp4"))
+    assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
+    trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
+    assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
+    for tag in (b"charts/episodic_return", b"losses/value_loss", b"charts/learning_rate", b"CartPole-v1"):
+        assert tag in trained[1], tag  # the scalars and the flags
+    assert b"eval/episodic_return" in evaluated[1] and b"eval-1-episode-0" in evaluated[1]  # and the videos
+    assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
+
+
+def test_track_without_wandb(tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(a2c.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    one_line_error(run_main(a2c, tmp_path, capsys, *SMALL, "--track"), "a2c.py", "--track", "pip install wandb")
+
+
+def test_an_env_from_the_users_own_module(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env_id = toy_env_module(tmp_path, "toy_a2c")  # imported by the script, not here
+    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, *SMALL)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9  # it learned to take the action that pays
+    assert run.name.startswith("toy_a2c-ToyA2C-v0__a2c__1__")
+    monkeypatch.setattr(a2c, "render_offscreen", lambda capture_video: None)  # it would set this process's env vars
+    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--capture-video")  # its entry point is a class
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert "a2c.py: error: --capture-video cannot render toy_a2c:ToyA2C-v0" in out.stderr
+    one_line_error(run_main(a2c, tmp_path, capsys, "--env-id", "no_such_module:Pays-v0"), "a2c.py",
+                   "cannot import 'no_such_module' for --env-id no_such_module:Pays-v0")
 
 
 def test_float64_observations_train(tmp_path, capsys):

@@ -4,7 +4,9 @@ normalised final observation, and the script end to end (smoke, evaluation with 
 statistics, errors, seeds)."""
 
 import copy
+import ctypes.util
 from dataclasses import replace
+import importlib.util
 import math
 import os
 import signal
@@ -21,7 +23,7 @@ from gymnasium.vector import AutoresetMode
 import ppo_continuous as pc
 from conftest import (ROOT, ranks_played_alike, run_twice, free_port, interrupt_script, join_gloo, make_runs_unwritable,
                       one_hot, one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, stop_one_rank,
-                      collectives_then_training)
+                      collectives_then_training, wandb_records)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -744,6 +746,92 @@ def test_capture_video_without_moviepy(tmp_path, capsys):
         pass
     one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--capture-video"),
                    "ppo_continuous.py", "moviepy")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
+                    reason="needs wandb and moviepy (pip install wandb moviepy)")
+def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path, capsys):
+    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
+    out = run_script("ppo_continuous.py", tmp_path, "--env-id", "Pendulum-v1", *SMALL, "--save-model", "--track",
+                     env=offline)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    evaluation = ["--env-id", "Pendulum-v1", "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2"]
+    out = run_script("ppo_continuous.py", tmp_path, *evaluation, "--capture-video", "--track", env=offline)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "WARN" not in out.stderr
+    videos = sorted(p.name for p in (tmp_path / "videos").glob("Pendulum-v1__ppo_continuous-eval__1__*/*.mp4"))
+    assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
+    # Filmed, the episodes are those played unfilmed: the camera sees the env; the policy, its saved statistics.
+    assert eval_return(out) == eval_return(run_main(pc, tmp_path / "unfilmed", capsys, *evaluation))
+    trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
+    assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
+    for tag in (b"charts/episodic_return", b"losses/value_loss", b"charts/learning_rate", b"Pendulum-v1"):
+        assert tag in trained[1], tag  # the scalars and the flags
+    assert b"eval/episodic_return" in evaluated[1] and b"eval-1-episode-0" in evaluated[1]  # and the videos
+    assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
+
+
+def test_track_without_wandb(tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(pc.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--track"), "ppo_continuous.py",
+                   "--track", "pip install wandb")
+
+
+def test_an_env_from_the_users_own_module(tmp_path, capsys, monkeypatch):
+    # A user's package registers its env when imported, `module:EnvId-v0`: here a one-step bandit that pays
+    # -(a - 0.7)², so an untrained policy's mean action, about 0, scores about -0.49.
+    (tmp_path / "toy_ppo_continuous.py").write_text(
+        "import gymnasium as gym\n"
+        "import numpy as np\n\n\n"
+        "class Target(gym.Env):\n"
+        "    observation_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)\n"
+        "    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)\n\n"
+        "    def reset(self, seed=None, options=None):\n"
+        "        super().reset(seed=seed)\n"
+        "        return np.zeros(1, np.float32), {}\n\n"
+        "    def step(self, action):\n"
+        "        return np.zeros(1, np.float32), -float((action[0] - 0.7) ** 2), True, False, {}\n\n\n"
+        "gym.register('ToyTarget-v0', entry_point=Target)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # imported by the script, not here
+    env_id = "toy_ppo_continuous:ToyTarget-v0"
+    out = run_main(pc, tmp_path, capsys, "--env-id", env_id, "--num-envs", "4", "--num-steps", "64",
+                   "--num-minibatches", "4", "--learning-rate", "3e-3", "--total-timesteps", "4096", "--save-model")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("toy_ppo_continuous-ToyTarget-v0__ppo_continuous__1__")
+    out = run_main(pc, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+                   "--eval-episodes", "2")
+    assert out.returncode == 0, out.stderr
+    assert eval_return(out) > -0.01  # it learned: the mean action is within 0.1 of 0.7
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "no_such_module:Pays-v0"), "ppo_continuous.py",
+                   "cannot import 'no_such_module' for --env-id no_such_module:Pays-v0")
+
+
+# One tiny batch of Hopper, filmed: MuJoCo renders in software here, 0.2 to 0.6 s a frame.
+FILM_HOPPER = ["--env-id", "Hopper-v5", "--total-timesteps", "4", "--num-steps", "4", "--num-minibatches", "2",
+               "--update-epochs", "1", "--capture-video"]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is None or ctypes.util.find_library("EGL") is None,
+                    reason="needs moviepy (pip install moviepy) and EGL (libegl1)")
+def test_mujoco_films_with_no_display(tmp_path):
+    out = run_script("ppo_continuous.py", tmp_path, *FILM_HOPPER,
+                     env={"DISPLAY": None, "WAYLAND_DISPLAY": None, "MUJOCO_GL": None})
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    (video,) = (tmp_path / "videos").glob("Hopper-v5__ppo_continuous__1__*/*.mp4")
+    assert video.stat().st_size > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="needs moviepy (pip install moviepy)")
+@pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="libOSMesa is installed: MUJOCO_GL=osmesa loads")
+def test_a_mujoco_gl_that_cannot_load_is_one_line(tmp_path):
+    out = run_script("ppo_continuous.py", tmp_path, *FILM_HOPPER,
+                     env={"DISPLAY": None, "WAYLAND_DISPLAY": None, "MUJOCO_GL": "osmesa"})
+    one_line_error(out, "ppo_continuous.py", "--capture-video cannot render Hopper-v5", "MUJOCO_GL=osmesa",
+                   "libosmesa6")
 
 
 def test_cuda_without_a_gpu_warns_and_runs_on_the_cpu(tmp_path, capsys):

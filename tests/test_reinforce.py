@@ -1,6 +1,7 @@
 """Tests of reinforce.py: rewards-to-go, normalisation, loss and log-probabilities against
 numbers worked out by hand; the episode batching in both autoreset modes; the script end to end."""
 
+import importlib.util
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ from gymnasium.vector import AutoresetMode
 
 import reinforce
 from conftest import (ROOT, run_twice, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
-                      run_main, run_script)
+                      run_main, run_script, toy_env_module, wandb_records)
 
 
 def cols(rows, dtype=np.float32):
@@ -662,3 +663,44 @@ def test_under_torchrun_it_says_it_runs_in_one_process(tmp_path, capsys, monkeyp
     monkeypatch.setenv("WORLD_SIZE", "2")
     one_line_error(run_main(reinforce, tmp_path, capsys, "--env-id", "CartPole-v1"), "reinforce.py",
                    "runs in one process", "torchrun")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
+                    reason="needs wandb and moviepy (pip install wandb moviepy)")
+def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path):
+    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
+    out = run_script("reinforce.py", tmp_path, *SMALL, "--save-model", "--track", env=offline)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    out = run_script("reinforce.py", tmp_path, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2",
+                     "--capture-video", "--track", env=offline)
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "WARN" not in out.stderr
+    videos = sorted(p.name for p in (tmp_path / "videos").glob("CartPole-v1__reinforce-eval__1__*/*.mp4"))
+    assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
+    trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
+    assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
+    for tag in (b"charts/episodic_return", b"losses/policy_loss", b"learning_rate", b"CartPole-v1"):
+        assert tag in trained[1], tag  # the scalars and the flags
+    assert b"eval/episodic_return" in evaluated[1] and b"eval-1-episode-0" in evaluated[1]  # and the videos
+    assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
+
+
+def test_track_without_wandb(tmp_path, capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(reinforce.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    one_line_error(run_main(reinforce, tmp_path, capsys, *SMALL, "--track"), "reinforce.py", "--track",
+                   "pip install wandb")
+
+
+def test_an_env_from_the_users_own_module(tmp_path, capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    env_id = toy_env_module(tmp_path, "toy_reinforce")  # imported by the script, not here
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, "--total-timesteps", "2048")
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    assert run.name.startswith("toy_reinforce-ToyReinforce-v0__reinforce__1__")
+    assert np.mean(read_tags(run)[0]["charts/episodic_return"][-100:]) > 0.9  # it learned to take the action that pays
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--env-id", "no_such_module:Pays-v0"), "reinforce.py",
+                   "cannot import 'no_such_module' for --env-id no_such_module:Pays-v0")
