@@ -1048,8 +1048,10 @@ def collectives_as_rank(rank):
     out = {}
     # (b) 2 epochs of 1 minibatch (the union of the halves is the whole batch); plain SGD, unclipped,
     # so that the gradient's scale shows (Adam's step would not change if the ranks summed it).
-    out["update"] = parameters(update(agent, mine, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9,
-                                      ranks=ranks)[0])
+    updated = update(agent, mine, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9, ranks=ranks)[0]
+    out["update"] = parameters(updated)
+    # The KL that adapts β: over both halves, and, for comparison, over this rank's half alone.
+    out["kl_d"], out["kl_d_alone"] = (pc.mean_exact_kl(updated, mine, r) for r in (ranks, pc.Ranks()))
     # (c) each rank's data to the running statistics; the union's mean and std.
     data = np.arange(6.0).reshape(3, 2) * (rank + 1) + 10 * rank  # (3, 2) on rank 0, shifted and wider on 1
     rms = pc.RunningMeanStd((2,))
@@ -1088,6 +1090,15 @@ def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_
     for rank in collectives:
         torch.testing.assert_close(rank["update"], alone, rtol=0, atol=1e-6)
     assert torch.equal(collectives[0]["update"], collectives[1]["update"])
+
+
+def test_the_adaptive_penalty_s_kl_is_the_mean_over_every_rank_s_batch(collectives):
+    agent, batch = bandit_batch(128)
+    d = pc.mean_exact_kl(update(agent, batch, torch.optim.SGD, num_minibatches=1, max_grad_norm=1e9)[0], batch,
+                         pc.Ranks())
+    assert d > 0 and collectives[0]["kl_d_alone"] != collectives[1]["kl_d_alone"]  # the halves' KLs differ
+    for rank in collectives:  # so every rank adapts β alike, from the whole batch's KL
+        assert rank["kl_d"] == pytest.approx(d, rel=1e-6)
 
 
 def test_merged_running_statistics_are_those_of_the_union(collectives):
