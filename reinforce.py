@@ -589,8 +589,12 @@ def start_tracking(args: Args, run_dir: str):
     import wandb
     wandb.tensorboard.patch(root_logdir=run_dir, pytorch=True, save=False)
     run_name = os.path.basename(run_dir)
-    return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_name,
-                      resume="allow", config=asdict(args), save_code=True)
+    try:
+        return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_name,
+                          resume="allow", config=asdict(args), save_code=True)
+    except Exception as e:  # noqa: BLE001 (no API key, a bad WANDB_MODE, no network: W&B's own exceptions)
+        raise UserError(f"--track: Weights & Biases could not start a run ({str(e).strip().splitlines()[0]}); "
+                        "log in with `wandb login`, or set WANDB_MODE=offline") from None
 
 
 def finish_tracking(tracker, video_folder: str, exit_code: Optional[int]) -> None:

@@ -773,6 +773,18 @@ def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path)
     assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb (pip install wandb)")
+def test_track_without_a_wandb_login_is_one_line(tmp_path, capsys, monkeypatch):
+    import wandb
+
+    def no_login(**kwargs):  # what wandb.init raises with no API key and no terminal to ask for one
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setattr(wandb.tensorboard, "patch", lambda **kwargs: None)  # no SummaryWriter patched in this process
+    monkeypatch.setattr(wandb, "init", no_login)
+    one_line_error(run_main(a2c, tmp_path, capsys, *SMALL, "--track"), "a2c.py",
+                   "--track: Weights & Biases could not start a run (No API key configured.", "WANDB_MODE=offline")
+
+
 def test_track_without_wandb(tmp_path, capsys, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(a2c.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))

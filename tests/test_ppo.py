@@ -904,6 +904,18 @@ def test_an_env_that_cannot_render_is_one_line(tmp_path, capsys, monkeypatch):
                    "ppo.py", "--capture-video cannot render PpoUnrenderable-v0: no screen here")
 
 
+@pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reason="needs wandb (pip install wandb)")
+def test_track_without_a_wandb_login_is_one_line(tmp_path, capsys, monkeypatch):
+    import wandb
+
+    def no_login(**kwargs):  # what wandb.init raises with no API key and no terminal to ask for one
+        raise wandb.errors.UsageError("No API key configured. Use `wandb login` to log in.")
+    monkeypatch.setattr(wandb.tensorboard, "patch", lambda **kwargs: None)  # no SummaryWriter patched in this process
+    monkeypatch.setattr(wandb, "init", no_login)
+    one_line_error(run_main(ppo, tmp_path, capsys, *SMALL, "--track"), "ppo.py",
+                   "--track: Weights & Biases could not start a run (No API key configured.", "WANDB_MODE=offline")
+
+
 def test_track_without_wandb(tmp_path, capsys, monkeypatch):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(ppo.importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
