@@ -10,7 +10,8 @@
 #   benchmarks/kl_penalty.sh discrete   # ppo.py, CartPole-v1 and Acrobot-v1, 5 seeds, default budgets
 #   python benchmarks/objectives.py benchmarks/results/ppo_continuous/objectives   # the table (normalised scores)
 #
-# Two runs at a time on the two cores (OMP_NUM_THREADS=1; PARALLEL=1 for one); ENVS="..." for some envs only. mujoco is hours of CPU: 36 runs of ~4-5 min.
+# Two runs at a time on the two cores (OMP_NUM_THREADS=1; PARALLEL=1 for one); ENVS="..." for some envs only,
+# SETTINGS="..." for some settings only (e.g. two shells each running part of the table). mujoco is hours of CPU: 36 runs of ~4-5 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS=1
@@ -18,7 +19,7 @@ declare -A FLAGS=([cpi]="--clip-coef None" [clip]="" [kl-adapt]="--clip-coef Non
                   [kl-fixed]="--clip-coef None --kl-beta 1")
 run() {  # run SCRIPT OUT ENV_IDS SEEDS: one folder per setting and env, OUT/SETTING/ENV_ID
   for env_id in ${ENVS:-$3}; do
-    for setting in cpi clip kl-adapt kl-fixed; do
+    for setting in ${SETTINGS:-cpi clip kl-adapt kl-fixed}; do
       python benchmarks/benchmark.py --script "$1" --env-ids $env_id --seeds $4 --parallel ${PARALLEL:-2} --ratio-runs 0 \
           --extra "--exp-name $setting ${FLAGS[$setting]}" --out "$2/$setting/$env_id"
     done
