@@ -175,7 +175,8 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
             raise UserError(f"--capture-video cannot render {env_id}: {str(e).strip().splitlines()[0]}{gl}") from None
         warnings.filterwarnings("ignore", ".*Overwriting existing videos")  # one folder, a new run's, for every env
     try:
-        if spec.vector_entry_point is not None and not capture_video:
+        # An evaluation plays a SyncVectorEnv (env i seeded seed + i), filmed or not: the same episodes either way.
+        if spec.vector_entry_point is not None and not capture_video and not record_every_env:
             envs = gym.make_vec(env_id, num_envs=num_envs, vectorization_mode="vector_entry_point")
         else:
             def thunk(i):

@@ -858,7 +858,7 @@ def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
                     reason="needs wandb and moviepy (pip install wandb moviepy)")
-def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path):
+def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path, capsys):
     offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
     out = run_script("ppo.py", tmp_path, "--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "128",
                      "--save-model", "--track", env=offline)
@@ -870,6 +870,8 @@ def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path)
     assert [line for line in out.stderr.splitlines() if not line.startswith("wandb:")] == []  # no SDL noise, no warning
     videos = sorted(p.name for p in (tmp_path / "videos").glob("CartPole-v1__ppo-eval__1__*/*.mp4"))
     assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
+    unfilmed = run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2")
+    assert unfilmed.stdout.splitlines()[0] == out.stdout.splitlines()[0]  # filmed or not, the same episodes
     trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
     assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
     for tag in (b"charts/episodic_return", b"losses/value_loss", b"learning_rate", b"CartPole-v1"):
