@@ -162,7 +162,8 @@ class NonFiniteGradient(Exception):
 
 def looks_atari(env_id: str) -> bool:
     """An Atari id by its name (ALE/Breakout-v5, BreakoutNoFrameskip-v4), known before the env is looked up."""
-    return env_id.startswith("ALE/") or "NoFrameskip" in env_id
+    name = env_id.split(":")[-1]  # ale_py:ALE/Breakout-v5 too
+    return name.startswith("ALE/") or "NoFrameskip" in name
 
 
 # --clip-coef None: ε = ∞, and clip(r, 1 - ε, 1 + ε) = r, so L^CLIP is the plain surrogate L^CPI.
@@ -1197,10 +1198,10 @@ def folder_name(env_id: str) -> str:
 
 
 def make_run_dir(run_name: str, capture_video: bool) -> str:
-    """runs/RUN (and videos/, where RecordVideo makes videos/RUN), made first: a directory that cannot be written is
+    """runs/RUN (and videos/RUN, where the videos go), made first: a directory that cannot be written is
     one line, not a late crash."""
     run_dir = f"runs/{run_name}"
-    for path in [run_dir] + (["videos"] if capture_video else []):  # RecordVideo makes videos/RUN
+    for path in [run_dir] + ([f"videos/{run_name}"] if capture_video else []):
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:

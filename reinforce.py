@@ -568,10 +568,10 @@ def folder_name(env_id: str) -> str:
 
 
 def make_run_dir(run_name: str, capture_video: bool) -> str:
-    """runs/RUN (and videos/, where RecordVideo makes videos/RUN), made first: a directory that cannot be written is
+    """runs/RUN (and videos/RUN, where the videos go), made first: a directory that cannot be written is
     one line, not a late crash."""
     run_dir = f"runs/{run_name}"
-    for path in [run_dir] + (["videos"] if capture_video else []):  # RecordVideo makes videos/RUN
+    for path in [run_dir] + ([f"videos/{run_name}"] if capture_video else []):
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as e:

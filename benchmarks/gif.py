@@ -7,8 +7,13 @@ Needs moviepy (pip install moviepy); `benchmarks/videos.sh` makes every GIF the 
 
 import argparse
 import os
+import sys
 
-from moviepy import VideoFileClip
+try:
+    from moviepy import VideoFileClip
+except ImportError:
+    print("gif.py: needs moviepy: pip install moviepy", file=sys.stderr)
+    sys.exit(2)
 
 
 def main():

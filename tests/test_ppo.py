@@ -549,6 +549,8 @@ def test_same_seed_same_returns(tmp_path):
     (["--atari-sticky-actions", "2"], ["--atari-sticky-actions must lie in [0, 1]"]),
     (["--atari-frame-skip", "0"], ["--atari-frame-skip must be positive"]),
     (["--env-id", "ALE/Breakout-v5", "--capture-video"], ["--capture-video records Atari ids (ALE/Breakout-v5) only with --eval-checkpoint"]),
+    (["--env-id", "ale_py:ALE/Breakout-v5", "--capture-video"],
+     ["--capture-video records Atari ids (ale_py:ALE/Breakout-v5) only with --eval-checkpoint"]),
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 10"]),
     (["--env-id", "CarRacing-v3"], ["Box", "ppo_continuous.py"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
