@@ -16,14 +16,18 @@ terminated one does not; and no transition that crosses an episode boundary is l
 whichever autoreset mode the vector env uses (see `collect_rollout`).
 """
 
+import contextlib
+import gc
 import glob
 import importlib.util
+import io
 import math
 import os
 import random
 import signal
 import sys
 import time
+import traceback
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -298,6 +302,9 @@ def make_envs(args: Args, num_envs: int, run_name: str = "", record_every_env: b
             probe.render()
             probe.close()
         except Exception as e:  # noqa: BLE001 (no OpenGL is a mujoco.FatalError, or an ImportError deep in PyOpenGL)
+            with contextlib.redirect_stderr(io.StringIO()):  # what failed half-made (a MuJoCo viewer with no GL
+                traceback.clear_frames(e.__traceback__)      # context) complains as it is collected: here, unheard
+                gc.collect()
             gl = f"; MUJOCO_GL={os.environ['MUJOCO_GL']}: install EGL (libegl1) or OSMesa (libosmesa6 and " \
                  "MUJOCO_GL=osmesa)" if "mujoco" in str(spec.entry_point) and "MUJOCO_GL" in os.environ else ""
             raise UserError(f"--capture-video cannot render {env_id}: {str(e).strip().splitlines()[0]}{gl}") from None

@@ -17,14 +17,18 @@ normalised exactly as every other observation of its batch, and the statistics g
 checkpoint and are used, frozen, to evaluate it.
 """
 
+import contextlib
+import gc
 import glob
 import importlib.util
+import io
 import math
 import os
 import random
 import signal
 import sys
 import time
+import traceback
 import warnings
 from collections import deque
 from dataclasses import asdict, dataclass, replace
@@ -221,6 +225,9 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
             probe.render()
             probe.close()
         except Exception as e:  # noqa: BLE001 (no OpenGL is a mujoco.FatalError, or an error deep in PyOpenGL)
+            with contextlib.redirect_stderr(io.StringIO()):  # what failed half-made (a MuJoCo viewer with no GL
+                traceback.clear_frames(e.__traceback__)      # context) complains as it is collected: here, unheard
+                gc.collect()
             # str(): an entry point may be the env's class itself
             gl = f"; MUJOCO_GL={os.environ['MUJOCO_GL']}: install EGL (libegl1) or OSMesa (libosmesa6 and " \
                  "MUJOCO_GL=osmesa)" if "mujoco" in str(spec.entry_point) and "MUJOCO_GL" in os.environ else ""

@@ -17,14 +17,18 @@ deliberately (see `discounted_returns` and `collect_episodes`).
 """
 
 import collections
+import contextlib
+import gc
 import glob
 import importlib.util
+import io
 import math
 import os
 import random
 import signal
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import asdict, dataclass, replace
 from typing import Optional
@@ -170,6 +174,9 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
             probe.render()
             probe.close()
         except Exception as e:  # noqa: BLE001 (no OpenGL is a mujoco.FatalError, or an ImportError deep in PyOpenGL)
+            with contextlib.redirect_stderr(io.StringIO()):  # what failed half-made (a MuJoCo viewer with no GL
+                traceback.clear_frames(e.__traceback__)      # context) complains as it is collected: here, unheard
+                gc.collect()
             gl = f"; MUJOCO_GL={os.environ['MUJOCO_GL']}: install EGL (libegl1) or OSMesa (libosmesa6 and " \
                  "MUJOCO_GL=osmesa)" if "mujoco" in str(spec.entry_point) and "MUJOCO_GL" in os.environ else ""
             raise UserError(f"--capture-video cannot render {env_id}: {str(e).strip().splitlines()[0]}{gl}") from None

@@ -839,9 +839,11 @@ def test_mujoco_films_with_no_display(tmp_path):
 
 @pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="needs moviepy (pip install moviepy)")
 @pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="libOSMesa is installed: MUJOCO_GL=osmesa loads")
-def test_a_mujoco_gl_that_cannot_load_is_one_line(tmp_path):
+@pytest.mark.parametrize("pyopengl_platform", [None, "egl"])  # egl: PyOpenGL loads, MuJoCo's viewer is left half-made
+def test_a_mujoco_gl_that_cannot_load_is_one_line(tmp_path, pyopengl_platform):
     out = run_script("ppo_continuous.py", tmp_path, *FILM_HOPPER,
-                     env={"DISPLAY": None, "WAYLAND_DISPLAY": None, "MUJOCO_GL": "osmesa"})
+                     env={"DISPLAY": None, "WAYLAND_DISPLAY": None, "MUJOCO_GL": "osmesa",
+                          "PYOPENGL_PLATFORM": pyopengl_platform})
     one_line_error(out, "ppo_continuous.py", "--capture-video cannot render Hopper-v5", "MUJOCO_GL=osmesa",
                    "libosmesa6")
 
