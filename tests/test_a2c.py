@@ -932,7 +932,9 @@ def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, cap
     assert out.returncode == 0, out.stderr
     assert read_steps(run, "losses/policy_loss") == [4096]  # the last update's, once
     episodes = read_steps(run, "charts/episodic_return")
-    assert episodes == sorted(episodes) and episodes[-1] == 4096
+    # Sorted: nothing the first run logged after step 1024 is left. (Whether an episode ends in the last
+    # 64-step rollout depends on the float arithmetic of the CPU, so the last one is not asserted at 4096.)
+    assert episodes == sorted(episodes) and episodes[-1] > 1024
 
 
 def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_path, capsys):
