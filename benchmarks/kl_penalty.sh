@@ -21,7 +21,7 @@ run() {  # run SCRIPT OUT ENV_IDS SEEDS: one folder per setting and env, OUT/SET
   for env_id in ${ENVS:-$3}; do
     for setting in ${SETTINGS:-cpi clip kl-adapt kl-fixed}; do
       python benchmarks/benchmark.py --script "$1" --env-ids $env_id --seeds $4 --parallel ${PARALLEL:-2} --ratio-runs 0 \
-          --extra "--exp-name $setting ${FLAGS[$setting]}" --out "$2/$setting/$env_id"
+          --extra "--exp-name $setting --save-model ${FLAGS[$setting]}" --out "$2/$setting/$env_id"
     done
   done
 }
