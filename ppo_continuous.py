@@ -218,9 +218,12 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
     `record_every_env` (evaluation) each env's first episode.
     """
     spec = env_spec(env_id)
+    # Gymnasium 1.4 films MuJoCo envs from a free camera that stays put (HalfCheetah leaves the frame within
+    # two seconds); the models' own "track" camera follows the body. A model without one gets the free camera.
+    filmed = dict(render_mode="rgb_array", **({"camera_name": "track"} if "mujoco" in str(spec.entry_point) else {}))
     if capture_video:  # rendering needs a package of its own (pygame), or OpenGL (MuJoCo)
         try:
-            probe = gym.make(env_id, render_mode="rgb_array")
+            probe = gym.make(env_id, **filmed)
             probe.reset(seed=seed)
             probe.render()
             probe.close()
@@ -237,10 +240,10 @@ def make_envs(env_id: str, num_envs: int, seed: int, capture_video: bool = False
     def thunk(i):
         def make():
             if capture_video and record_every_env:  # the one episode of this env that is evaluated
-                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), f"videos/{run_name}",
+                return gym.wrappers.RecordVideo(gym.make(env_id, **filmed), f"videos/{run_name}",
                                                 name_prefix=f"eval-{i}", episode_trigger=lambda e: e == 0)
             if capture_video and i == 0:
-                return gym.wrappers.RecordVideo(gym.make(env_id, render_mode="rgb_array"), f"videos/{run_name}")
+                return gym.wrappers.RecordVideo(gym.make(env_id, **filmed), f"videos/{run_name}")
             return gym.make(env_id)
         return make
     try:

@@ -837,6 +837,18 @@ def test_mujoco_films_with_no_display(tmp_path):
     assert video.stat().st_size > 0
 
 
+@pytest.mark.parametrize("env_id, camera", [("Hopper-v5", {"camera_name": "track"}), ("Pendulum-v1", {})])
+def test_mujoco_is_filmed_by_the_camera_that_follows_the_body(monkeypatch, env_id, camera):
+    asked = []
+    def make(env_id, **kwargs):  # stands in for the probe's gym.make: what the video would be filmed with
+        asked.append(kwargs)
+        raise RuntimeError("no GL here")
+    monkeypatch.setattr(pc.gym, "make", make)
+    with pytest.raises(pc.UserError, match="cannot render"):
+        pc.make_envs(env_id, 1, 1, capture_video=True, run_name="x")
+    assert asked == [{"render_mode": "rgb_array", **camera}]  # Gymnasium's default camera stays put
+
+
 @pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="needs moviepy (pip install moviepy)")
 @pytest.mark.skipif(ctypes.util.find_library("OSMesa") is not None, reason="libOSMesa is installed: MUJOCO_GL=osmesa loads")
 @pytest.mark.parametrize("pyopengl_platform", [None, "egl"])  # egl: PyOpenGL loads, MuJoCo's viewer is left half-made
