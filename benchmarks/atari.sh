@@ -14,7 +14,7 @@
 #
 # One invocation per seed keeps each pair's results once it ends (benchmark.py writes at the end).
 # In a side-by-side pair (cleanrl, sb3; SEED, default 1, seeds both) the peer is stopped when ours
-# has run its STEPS, so both had the same wall time; compare_runs.py then compares them at the env
+# has run its STEPS (SIGTERM), so both had the same wall time; compare_runs.py then compares them at the env
 # steps both reached (benchmark.py reports the stopped peer as FAILED; its TensorBoard log stays).
 #
 # CLEANRL is a folder holding CleanRL's ppo_atari.py and cleanrl_utils/, with a virtual environment
@@ -28,7 +28,7 @@ GAME=${GAME:-Breakout}
 GAMES="BreakoutNoFrameskip-v4 PongNoFrameskip-v4"
 bench() { python benchmarks/benchmark.py --ratio-runs 0 --extra "--total-timesteps $STEPS" "$@"; }
 # beside PEER_SCRIPT PEER_BENCH_FLAGS PEER_EXTRA OUR_SCRIPT OUT PEER_NAME: ours and the peer at once,
-# the peer stopped (SIGINT to its training process) once ours is done.
+# the peer stopped (SIGTERM to its training process) once ours is done.
 beside() {
   local env_id=${GAME}NoFrameskip-v4 seed=${SEED:-1}
   bench --script "$4" --env-ids $env_id --seeds $seed --eval --out "$5/ours" &
@@ -37,7 +37,7 @@ beside() {
       --extra "--total-timesteps $STEPS $3" --out "$5/$6" &
   local peer=$!
   wait $ours
-  pkill -INT -P $peer || true
+  pkill -TERM -P $peer || true  # not INT: a non-interactive shell starts its background jobs ignoring SIGINT
   wait $peer || true
 }
 case "${1:-}" in
