@@ -301,7 +301,8 @@ def main():
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    plot(results, os.path.join(out, "curves.png"))
+    if results:  # every run failed (or was stopped, as atari.sh stops a peer): nothing to draw
+        plot(results, os.path.join(out, "curves.png"))
 
 
 if __name__ == "__main__":
