@@ -11,6 +11,13 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
+# Under pytest-xdist each worker keeps to one thread, in-process and in every script it starts (set
+# before torch is imported). The CNN tests otherwise run torch's default of a thread per core, and
+# two workers on the two cores of CI spin against each other: measured beside two benchmark runs,
+# the Pong smoke test took 64 s in the suite against 5 s alone.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the scripts live at the repo root, importable without training
 
