@@ -901,6 +901,26 @@ def average_gradients(agent: nn.Module, ranks: Ranks) -> None:
             p.grad = g.view_as(p)
 
 
+@contextlib.contextmanager
+def fail_together(ranks: Ranks):
+    """Setup that can fail on one rank only (rank 0 alone writes the run's folder, films and tracks): a
+    UserError on any rank in the block is raised on every rank after it, so each exits 2 and rank 0 says
+    why, where the others would crash in their next collective with a rank that had left."""
+    error = None
+    try:
+        yield
+    except UserError as e:
+        if ranks.size == 1:
+            raise
+        error = str(e)
+    if ranks.size > 1:
+        errors = [None] * ranks.size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise UserError(error)
+
+
 def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
     """Whether any rank was asked to stop (Ctrl-C, SIGTERM): then every rank stops, at the same iteration,
     and takes the request as its own, so all of them save and exit alike."""
@@ -1278,12 +1298,14 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     device = select_device(args)
     ranks = join_ranks(device)
     run_name = f"{folder_name(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
     seed_everything(args, frames)
     seed = rank_seed(args.seed, ranks)
+    with fail_together(ranks):  # rank 0 alone writes the run's folder, films and tracks
+        run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
+        episode_stats = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs,
+                                  run_name)
+        tracker = start_tracking(args, run_dir) if args.track and ranks.rank == 0 else None
 
-    episode_stats = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs,
-                              run_name)
     envs, obs_norm, reward_norm = add_normalization(episode_stats, args.norm_obs and not frames,
                                                     args.norm_reward and not frames, args.gamma)
     obs_shape = envs.single_observation_space.shape
@@ -1309,7 +1331,6 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     start_alike(agent, global_step, ranks)
     statistics = RankStatistics([obs_norm and obs_norm.obs_rms, reward_norm and reward_norm.return_rms], ranks)
 
-    tracker = start_tracking(args, run_dir) if args.track and ranks.rank == 0 else None
     from torch.utils.tensorboard import SummaryWriter  # slow to import; evaluation needs none
     # Resumed, what was logged after the checkpoint is dropped: no step is logged twice.
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
@@ -1464,6 +1485,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     except UserError as e:
         if speaks():  # under torchrun every rank finds the same mistake: one line, not N
             print(f"{SCRIPT}: error: {e}", file=sys.stderr)
+        if dist.is_initialized():  # a rank leaving with gloo's threads running can abort at exit (SIGABRT)
+            dist.destroy_process_group()
         sys.exit(2)
     except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
         print(f"{SCRIPT}: interrupted", file=sys.stderr)

@@ -426,6 +426,22 @@ def train_as_rank(rank, script, network, cwd, argv, envs_from=None, rank_1_diffe
     return code, {name: p.detach().clone() for name, p in made[0].named_parameters()}
 
 
+def fail_together_as_rank(script, ranks) -> list:
+    """What `script.fail_together` raised on this rank, for a UserError on rank 0 alone, on rank 1 alone, on
+    neither: rank 0 alone writes the run's folder and starts the W&B run, and had it alone exited 2,
+    the other rank would have crashed in its next collective, a traceback on a user's mistake."""
+    raised = []
+    for failing in (0, 1, None):
+        try:
+            with script.fail_together(ranks):
+                if ranks.rank == failing:
+                    raise script.UserError(f"rank {failing}'s mistake")
+            raised.append(None)
+        except script.UserError as e:
+            raised.append(str(e))
+    return raised
+
+
 def collectives_then_training(rank, collectives, port, *train_args):
     """A rank that first runs `collectives(rank)` in a gloo group (join_gloo), leaves it, then trains as a
     torchrun rank, `train_as_rank(rank, *train_args)`, in a new group on `port`: one spawn for both, since

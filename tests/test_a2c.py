@@ -17,8 +17,8 @@ import tyro
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_hot,
-                      one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script,
+from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, join_gloo,
+                      make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script,
                       ScriptedAtari, stop_one_rank, collectives_then_training, free_port, toy_env_module,
                       wandb_records)
 
@@ -996,7 +996,8 @@ def collectives_as_rank(rank):
     for rollout in (data[:3], data[3:]):
         rms.update(rollout)
         statistics.merge()
-    return update, (rms.mean, rms.var, rms.count, a2c.union_mean_std(torch.from_numpy(data[:, 0]).float(), ranks))
+    return (update, (rms.mean, rms.var, rms.count, a2c.union_mean_std(torch.from_numpy(data[:, 0]).float(), ranks)),
+            fail_together_as_rank(a2c, ranks))
 
 
 @pytest.fixture(scope="module")
@@ -1014,14 +1015,14 @@ def two_ranks(tmp_path_factory):
 
 def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
     alone = half_batch_update(a2c.Ranks(), slice(None))
-    for update, _ in two_ranks[0]:
+    for update, *_ in two_ranks[0]:
         torch.testing.assert_close(update, alone, rtol=0, atol=1e-6)
     assert torch.equal(two_ranks[0][0][0], two_ranks[0][1][0])
 
 
 def test_merged_running_statistics_are_those_of_the_union(two_ranks):
     union = np.concatenate([np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) * 2 + 10])
-    ranks = [statistics for _, statistics in two_ranks[0]]
+    ranks = [statistics for _, statistics, _ in two_ranks[0]]
     for mean, var, count, (m, s) in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
         np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
         np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
@@ -1029,6 +1030,11 @@ def test_merged_running_statistics_are_those_of_the_union(two_ranks):
         # The advantages' normalisation takes the union's mean and (n-1) std too.
         assert (m.item(), s.item()) == pytest.approx((union[:, 0].mean(), union[:, 0].std(ddof=1)), rel=1e-6)
     assert all(np.array_equal(a, b) for a, b in zip(ranks[0][:3], ranks[1][:3]))
+
+
+def test_a_user_error_on_one_rank_is_every_rank_s(two_ranks):
+    expected = ["rank 0's mistake", "rank 1's mistake", None]  # on every rank: each exits 2, rank 0 says why
+    assert [raised for *_, raised in two_ranks[0]] == [expected, expected]
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):

@@ -19,8 +19,8 @@ import tyro
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import (ROOT, run_twice, Counter, interrupt_script, join_gloo, make_runs_unwritable, one_line_error,
-                      ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
+from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, join_gloo,
+                      make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
                       stop_one_rank, collectives_then_training, free_port, toy_env_module, wandb_records)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
@@ -1150,6 +1150,7 @@ def collectives_as_rank(rank):
         mine.logprobs = mine.logprobs + 0.5
     kl_agent, stats = update(agent, mine, lr=1e-4, target_kl=0.01, ranks=ranks)
     out["kl_steps"], out["kl_update"] = stats["minibatch_steps"], parameters(kl_agent)
+    out["fail_together"] = fail_together_as_rank(ppo, ranks)
     return out
 
 
@@ -1193,6 +1194,11 @@ def test_the_kl_stop_is_taken_by_all_ranks_together(collectives):
     # Alone, rank 1 would not stop (KL 0, then a step of lr 1e-4); together both stop after the first step.
     assert [rank["kl_steps"] for rank in collectives] == [1, 1]
     assert torch.equal(collectives[0]["kl_update"], collectives[1]["kl_update"])
+
+
+def test_a_user_error_on_one_rank_is_every_rank_s(collectives):
+    expected = ["rank 0's mistake", "rank 1's mistake", None]  # on every rank: each exits 2, rank 0 says why
+    assert [rank["fail_together"] for rank in collectives] == [expected, expected]
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):

@@ -21,8 +21,8 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import (ROOT, ranks_played_alike, run_twice, free_port, interrupt_script, join_gloo, make_runs_unwritable,
-                      one_hot, one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, stop_one_rank,
+from conftest import (ROOT, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
+                      join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, stop_one_rank,
                       collectives_then_training, wandb_records)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
@@ -1090,6 +1090,7 @@ def collectives_as_rank(rank):
         mine = replace(mine, logprobs=mine.logprobs + 0.5)
     kl_agent, stats = update(agent, mine, lr=1e-4, target_kl=0.01, ranks=ranks)
     out["kl_steps"], out["kl_update"] = stats["minibatch_steps"], parameters(kl_agent)
+    out["fail_together"] = fail_together_as_rank(pc, ranks)
     return out
 
 
@@ -1148,6 +1149,11 @@ def test_the_kl_stop_is_taken_by_all_ranks_together(collectives):
     assert torch.equal(collectives[0]["kl_update"], collectives[1]["kl_update"])
 
 
+def test_a_user_error_on_one_rank_is_every_rank_s(collectives):
+    expected = ["rank 0's mistake", "rank 1's mistake", None]  # on every rank: each exits 2, rank 0 says why
+    assert [rank["fail_together"] for rank in collectives] == [expected, expected]
+
+
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
     argv = ["--env-id", "Pendulum-v1", "--num-steps", "64", "--num-minibatches", "2", "--total-timesteps",
             "100000000", "--save-model"]
@@ -1157,12 +1163,16 @@ def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_p
     assert all(torch.equal(ckpt["model"][name], rank0[name]) and torch.equal(rank1[name], rank0[name]) for name in rank0)
 
 
-def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank(tmp_path):
+def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank_even_if_one_rank_alone_finds_it(tmp_path):
+    make_runs_unwritable(tmp_path)  # rank 0 alone makes the run's folder
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), str(ROOT / "ppo_continuous.py"), "--env-id", "Pendulum-v1", "--num-envs", "0"],
+                          str(free_port()), str(ROOT / "ppo_continuous.py"), "--env-id", "Pendulum-v1"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0
-    assert out.stderr.count("ppo_continuous.py: error: --num-envs must be positive, got 0") == 1
+    errors = [line for line in out.stderr.splitlines() if "ppo_continuous.py: error:" in line]
+    assert len(errors) == 1 and "cannot write runs/" in errors[0], out.stderr
+    assert "[rank1]" not in out.stderr  # rank 1 exited 2 too, silent: no traceback from a collective with rank 0 gone
+    assert "terminate called" not in out.stderr  # nor an abort at exit, gloo's threads still running
 
 
 def rank_pid(launcher_pid, rank, timeout=60):
