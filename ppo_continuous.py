@@ -746,21 +746,21 @@ def average_gradients(agent: nn.Module, ranks: Ranks, kl: torch.Tensor) -> torch
 @contextlib.contextmanager
 def fail_together(ranks: Ranks):
     """Setup that can fail on one rank only (rank 0 alone writes the run's folder, films and tracks): a
-    UserError on any rank in the block is raised on every rank after it, so each exits 2 and rank 0 says
-    why, where the others would crash in their next collective with a rank that had left."""
+    UserError on any rank in the block is raised again on every rank when the block ends, so each exits 2
+    and rank 0 says why, where the others would crash in their next collective with a rank that had left."""
+    if ranks.size == 1:
+        yield
+        return
     error = None
     try:
         yield
     except UserError as e:
-        if ranks.size == 1:
-            raise
         error = str(e)
-    if ranks.size > 1:
-        errors = [None] * ranks.size
-        dist.all_gather_object(errors, error)
-        error = next((e for e in errors if e is not None), None)
-        if error is not None:
-            raise UserError(error)
+    errors = [None] * ranks.size
+    dist.all_gather_object(errors, error)
+    error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise UserError(error)
 
 
 def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
@@ -1106,7 +1106,10 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     seed_everything(args)
     seed = rank_seed(args.seed, ranks)
     with fail_together(ranks):  # rank 0 alone writes the run's folder, films and tracks
-        run_dir = resume["run_dir"] if resume else make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
+        if resume:
+            run_dir = resume["run_dir"]
+        else:
+            run_dir = make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
         envs = make_envs(args.env_id, args.num_envs, seed, args.capture_video and ranks.rank == 0, run_name)
         tracker = start_tracking(args, run_dir) if args.track and ranks.rank == 0 else None
 
@@ -1292,7 +1295,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         else:
             evaluate(args) if args.eval_checkpoint else train(args)
     except UserError as e:
-        if speaks():  # under torchrun every rank finds the same mistake: one line, not N
+        if speaks():  # under torchrun every rank has the same mistake (fail_together): one line, not N
             print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         if dist.is_initialized():  # a rank leaving with gloo's threads running can abort at exit (SIGABRT)
             dist.destroy_process_group()

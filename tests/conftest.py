@@ -442,15 +442,38 @@ def fail_together_as_rank(script, ranks) -> list:
     return raised
 
 
-def collectives_then_training(rank, collectives, port, *train_args):
-    """A rank that first runs `collectives(rank)` in a gloo group (join_gloo), leaves it, then trains as a
-    torchrun rank, `train_as_rank(rank, *train_args)`, in a new group on `port`: one spawn for both, since
-    each spawn spends seconds importing. Returns both results."""
+def exit_code_where_runs_is_unwritable(rank, script, network, cwd, argv, envs_from=None, rank_1_differs=False):
+    """The exit code of a torchrun rank of `script` (train_as_rank's arguments) in a folder where rank 0
+    alone finds a mistake: it cannot make the run's folder."""
+    import importlib
+    if envs_from:
+        importlib.import_module(envs_from)
+    module = importlib.import_module(script)
+    os.chdir(cwd)
+    folder = f"unwritable-{os.environ['MASTER_PORT']}"
+    make_runs_unwritable(folder)
+    os.chdir(folder)
+    try:
+        module.main(argv)
+        return 0
+    except SystemExit as e:
+        return e.code
+    finally:
+        os.chdir(cwd)
+
+
+def collectives_then_training(rank, collectives, ports, *train_args):
+    """A rank that first runs `collectives(rank)` in a gloo group (join_gloo), leaves it, then starts as a
+    torchrun rank where runs/ cannot be written (`exit_code_where_runs_is_unwritable`), then trains as one,
+    `train_as_rank(rank, *train_args)`, each in a new group on one of `ports`: one spawn for all three,
+    since each spawn spends seconds importing. Returns the three results."""
     import torch.distributed as dist
     tested = collectives(rank)
     dist.destroy_process_group()
-    os.environ["MASTER_PORT"] = str(port)
-    return tested, train_as_rank(rank, *train_args)
+    os.environ["MASTER_PORT"] = str(ports[0])
+    refused = exit_code_where_runs_is_unwritable(rank, *train_args)
+    os.environ["MASTER_PORT"] = str(ports[1])
+    return tested, refused, train_as_rank(rank, *train_args)
 
 
 def stop_one_rank(script, network, argv, tmp_path):

@@ -957,7 +957,7 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
 # ---------------------------------------------------------------------------------------------
 
 def test_two_ranks_learn_as_one_and_keep_identical_parameters(two_ranks):
-    _, ((code0, rank0), (code1, rank1)), tmp_path = two_ranks
+    _, ((code0, rank0), (code1, rank1)), tmp_path, _ = two_ranks
     assert code0 == code1 == 0
     assert all(torch.equal(rank0[name], rank1[name]) for name in rank0)  # bitwise: every step the same on both
     (run,) = (tmp_path / "runs").iterdir()  # rank 0 alone writes logs and checkpoints
@@ -1003,14 +1003,16 @@ def collectives_as_rank(rank):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """2 ranks: the collectives of tests (b) and (c), then a short training run, in one spawn.
-    Returns (each rank's collectives, each rank's (exit code, final parameters), the run's folder)."""
+    Returns (each rank's collectives, each rank's (exit code, final parameters), the run's folder, each
+    rank's exit code where runs/ could not be written)."""
     cwd = tmp_path_factory.mktemp("train")
     # NextStepBandit's reset steps pay the wrong action: both ranks must leave theirs out.
     argv = ["--env-id", "NextStepBandit-v0", "--num-envs", "4", "--num-steps", "16", "--learning-rate", "3e-3",
             "--total-timesteps", "8192", "--save-model"]
-    ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, free_port(), "a2c", "ActorCritic", str(cwd),
-                      argv, tmp_path=tmp_path_factory.mktemp("ranks"))
-    return [tested for tested, _ in ranks], [trained for _, trained in ranks], cwd
+    ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, (free_port(), free_port()), "a2c",
+                      "ActorCritic", str(cwd), argv, tmp_path=tmp_path_factory.mktemp("ranks"))
+    return ([tested for tested, _, _ in ranks], [trained for *_, trained in ranks], cwd,
+            [refused for _, refused, _ in ranks])
 
 
 def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_batch(two_ranks):
@@ -1035,6 +1037,10 @@ def test_merged_running_statistics_are_those_of_the_union(two_ranks):
 def test_a_user_error_on_one_rank_is_every_rank_s(two_ranks):
     expected = ["rank 0's mistake", "rank 1's mistake", None]  # on every rank: each exits 2, rank 0 says why
     assert [raised for *_, raised in two_ranks[0]] == [expected, expected]
+
+
+def test_a_mistake_only_rank_0_finds_ends_every_rank_with_exit_code_2(two_ranks):
+    assert two_ranks[3] == [2, 2]  # runs/ unwritable: rank 1 no longer crashes in its next collective
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):

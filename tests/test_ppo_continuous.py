@@ -1043,7 +1043,7 @@ def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_pat
 # ---------------------------------------------------------------------------------------------
 
 def test_two_ranks_learn_as_one_and_keep_identical_parameters(two_ranks):
-    _, ((code0, rank0), (code1, rank1)), tmp_path = two_ranks
+    _, ((code0, rank0), (code1, rank1)), tmp_path, _ = two_ranks
     assert code0 == code1 == 0
     ranks = [rank0, rank1]
     for name in ranks[0]:  # every optimizer step was the same on both: bitwise the same weights
@@ -1097,13 +1097,15 @@ def collectives_as_rank(rank):
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     """2 ranks: the collectives of tests (b)-(d), then a short training run, in one spawn.
-    Returns (each rank's collectives, each rank's (exit code, final parameters), the run's folder)."""
+    Returns (each rank's collectives, each rank's (exit code, final parameters), the run's folder, each
+    rank's exit code where runs/ could not be written)."""
     cwd = tmp_path_factory.mktemp("train")
     argv = ["--env-id", "ContinuousBandit-v0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
             "--learning-rate", "3e-3", "--total-timesteps", "4096", "--no-norm-reward", "--save-model"]
-    ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, free_port(), "ppo_continuous", "Agent",
-                      str(cwd), argv, "test_ppo_continuous", tmp_path=tmp_path_factory.mktemp("ranks"))
-    return [tested for tested, _ in ranks], [trained for _, trained in ranks], cwd
+    ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, (free_port(), free_port()),
+                      "ppo_continuous", "Agent", str(cwd), argv, "test_ppo_continuous", tmp_path=tmp_path_factory.mktemp("ranks"))
+    return ([tested for tested, _, _ in ranks], [trained for *_, trained in ranks], cwd,
+            [refused for _, refused, _ in ranks])
 
 
 @pytest.fixture(scope="module")
@@ -1152,6 +1154,10 @@ def test_the_kl_stop_is_taken_by_all_ranks_together(collectives):
 def test_a_user_error_on_one_rank_is_every_rank_s(collectives):
     expected = ["rank 0's mistake", "rank 1's mistake", None]  # on every rank: each exits 2, rank 0 says why
     assert [rank["fail_together"] for rank in collectives] == [expected, expected]
+
+
+def test_a_mistake_only_rank_0_finds_ends_every_rank_with_exit_code_2(two_ranks):
+    assert two_ranks[3] == [2, 2]  # runs/ unwritable: rank 1 no longer crashes in its next collective
 
 
 def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_path):
