@@ -18,9 +18,9 @@ from gymnasium.vector import AutoresetMode
 
 import a2c
 from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, join_gloo,
-                      make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script,
-                      ScriptedAtari, stop_one_rank, collectives_then_training, free_port, toy_env_module,
-                      wandb_records)
+                      make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps, read_tags,
+                      run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank, collectives_then_training,
+                      free_port, toy_env_module, wandb_records)
 
 
 def cols(rows, dtype=np.float32):

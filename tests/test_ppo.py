@@ -20,7 +20,8 @@ from gymnasium.vector import AutoresetMode
 
 import ppo
 from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, join_gloo,
-                      make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags, run_main, run_ranks, run_script, ScriptedAtari,
+                      make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags, run_main,
+                      run_ranks, run_script, ScriptedAtari,
                       stop_one_rank, collectives_then_training, free_port, toy_env_module, wandb_records)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45

@@ -22,7 +22,8 @@ from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
 from conftest import (ROOT, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
-                      join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags, run_main, run_ranks, run_script, stop_one_rank,
+                      join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags, run_main,
+                      run_ranks, run_script, stop_one_rank,
                       collectives_then_training, wandb_records)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
@@ -1103,7 +1104,8 @@ def two_ranks(tmp_path_factory):
     argv = ["--env-id", "ContinuousBandit-v0", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "4",
             "--learning-rate", "3e-3", "--total-timesteps", "4096", "--no-norm-reward", "--save-model"]
     ranks = run_ranks(collectives_then_training, 2, collectives_as_rank, (free_port(), free_port()),
-                      "ppo_continuous", "Agent", str(cwd), argv, "test_ppo_continuous", tmp_path=tmp_path_factory.mktemp("ranks"))
+                      "ppo_continuous", "Agent", str(cwd), argv, "test_ppo_continuous",
+                      tmp_path=tmp_path_factory.mktemp("ranks"))
     return ([tested for tested, _, _ in ranks], [trained for *_, trained in ranks], cwd,
             [refused for _, refused, _ in ranks])
 
@@ -1167,6 +1169,14 @@ def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_p
     assert code0 == code1 == 143  # both took rank 1's SIGTERM as their own
     assert 0 < ckpt["global_step"] < 100_000_000 and ckpt["global_step"] % 128 == 0
     assert all(torch.equal(ckpt["model"][name], rank0[name]) and torch.equal(rank1[name], rank0[name]) for name in rank0)
+
+
+def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), str(ROOT / "ppo_continuous.py"), "--env-id", "Pendulum-v1", "--num-envs", "0"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0
+    assert out.stderr.count("ppo_continuous.py: error: --num-envs must be positive, got 0") == 1
 
 
 def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank_even_if_one_rank_alone_finds_it(tmp_path):
