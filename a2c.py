@@ -511,7 +511,11 @@ class Pixels(nn.Module):
     """uint8 frames to floats in [0, 1], inside the network: the rollout stores a quarter of the bytes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.div(x, 255.0)  # one pass, no float32 copy of the uint8 frames first
+        # Straight to the dtype the first convolution computes in (bfloat16 under autocast), not float32
+        # and then a cast: one pass over the frames. Every uint8 value divides to the same number either way.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        return x.to(dtype).div_(255.0)
 
 
 def nature_cnn(obs_shape: tuple) -> nn.Sequential:
@@ -1315,8 +1319,8 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     agent = ActorCritic(obs_shape, envs.single_action_space).to(device)
     agent.bf16 = use_bf16(args.cnn_precision, frames, device)
     fused = device.type in ("cpu", "cuda")
-    if args.optimizer == "rmsprop":
-        optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=0.99, eps=1e-5)
+    if args.optimizer == "rmsprop":  # torch has no fused RMSprop; foreach is the next best, on a CPU too
+        optimizer = torch.optim.RMSprop(agent.parameters(), lr=args.learning_rate, alpha=0.99, eps=1e-5, foreach=True)
     else:
         optimizer = torch.optim.Adam(agent.parameters(), lr=args.learning_rate, eps=1e-5, fused=fused)
     rng = np.random.default_rng(seed)

@@ -449,7 +449,11 @@ class Pixels(nn.Module):
     """uint8 frames to floats in [0, 1], inside the network: the rollout stores a quarter of the bytes."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.div(x, 255.0)  # one pass, no float32 copy of the uint8 frames first
+        # Straight to the dtype the first convolution computes in (bfloat16 under autocast), not float32
+        # and then a cast: one pass over the frames. Every uint8 value divides to the same number either way.
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else torch.float32
+        return x.to(dtype).div_(255.0)
 
 
 def nature_cnn(obs_shape: tuple) -> nn.Sequential:
