@@ -435,7 +435,7 @@ def fail_together_as_rank(script, ranks) -> list:
         try:
             with script.fail_together(ranks):
                 if ranks.rank == failing:
-                    raise script.UserError(f"rank {failing}'s mistake")
+                    raise script.UserError("a mistake only this rank finds")
             raised.append(None)
         except script.UserError as e:
             raised.append(str(e))

@@ -1035,7 +1035,8 @@ def test_merged_running_statistics_are_those_of_the_union(two_ranks):
 
 
 def test_a_user_error_on_one_rank_is_every_rank_s(two_ranks):
-    expected = ["rank 0's mistake", "rank 1's mistake", None]  # on every rank: each exits 2, rank 0 says why
+    # On every rank, so each exits 2; rank 0 prints it, saying which rank found it when not rank 0.
+    expected = ["a mistake only this rank finds", "rank 1: a mistake only this rank finds", None]
     assert [raised for *_, raised in two_ranks[0]] == [expected, expected]
 
 

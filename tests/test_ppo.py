@@ -1200,7 +1200,8 @@ def test_the_kl_stop_is_taken_by_all_ranks_together(collectives):
 
 
 def test_a_user_error_on_one_rank_is_every_rank_s(collectives):
-    expected = ["rank 0's mistake", "rank 1's mistake", None]  # on every rank: each exits 2, rank 0 says why
+    # On every rank, so each exits 2; rank 0 prints it, saying which rank found it when not rank 0.
+    expected = ["a mistake only this rank finds", "rank 1: a mistake only this rank finds", None]
     assert [rank["fail_together"] for rank in collectives] == [expected, expected]
 
 
