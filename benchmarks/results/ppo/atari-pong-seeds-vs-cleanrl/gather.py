@@ -1,12 +1,14 @@
-"""ppo.py's three Pong seeds and CleanRL's two, at equal env steps, from the benchmarks' results.json files."""
+"""ppo.py's three Pong seeds and CleanRL's two, at equal env steps, from the benchmarks' results.json files:
+the README's table (run from the repository root), and this folder's results.json for benchmarks/plot.py."""
 import json, os, sys, subprocess
 import numpy as np
 R = "benchmarks/results/ppo"
 OUT = f"{R}/atari-pong-seeds-vs-cleanrl"
 cl2 = f"{R}/atari-cleanrl-s2-PongNoFrameskip-v4"
-subprocess.run([sys.executable, "benchmarks/compare_runs.py", "--env-id", "PongNoFrameskip-v4", "--seed", "2",
-                "--runs", f"CleanRL ppo_atari.py={cl2}", "--at", "250000", "--out", f"{cl2}/compared"], check=True,
-               stdout=subprocess.DEVNULL)
+if not os.path.exists(f"{cl2}/compared/results.json"):  # from its TensorBoard log (runs/, not in git)
+    subprocess.run([sys.executable, "benchmarks/compare_runs.py", "--env-id", "PongNoFrameskip-v4", "--seed", "2",
+                    "--runs", f"CleanRL ppo_atari.py={cl2}", "--at", "250000", "--out", f"{cl2}/compared"], check=True,
+                   stdout=subprocess.DEVNULL)
 def entries(path, **match):
     return [r for r in json.load(open(path)) if all(r.get(k) == v for k, v in match.items())]
 runs = (entries(f"{R}/atari-vs-cleanrl-PongNoFrameskip-v4/results.json")            # ppo.py s1, CleanRL s1
