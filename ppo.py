@@ -942,10 +942,9 @@ def fail_together(ranks: Ranks):
         error = str(e)
     errors = [None] * ranks.size
     dist.all_gather_object(errors, error)
-    found = [(rank, e) for rank, e in enumerate(errors) if e is not None]
-    if found:  # rank 0 prints it: where another rank found it, the line says which
-        rank, error = found[0]
-        raise UserError(error if rank == 0 else f"rank {rank}: {error}")
+    for rank, error in enumerate(errors):  # rank 0 prints it: where another rank found it, the line says which
+        if error is not None:
+            raise UserError(error if rank == 0 else f"rank {rank}: {error}")
 
 
 def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
