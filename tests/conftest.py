@@ -442,6 +442,23 @@ def fail_together_as_rank(script, ranks) -> list:
     return raised
 
 
+def start_alike_as_rank(script, agent, ranks) -> tuple:
+    """What `script.start_alike` does on this rank: the weights it leaves where rank 1's differed from rank 0's,
+    and what it raises where the ranks resume from different steps (each read another checkpoint)."""
+    import torch
+    if ranks.rank == 1:
+        with torch.no_grad():
+            for p in agent.parameters():
+                p.add_(1.0)
+    script.start_alike(agent, 0, ranks)
+    weights = torch.cat([p.detach().flatten() for p in agent.parameters()])
+    try:
+        script.start_alike(agent, 1000 * (ranks.rank + 1), ranks)
+        return weights, None
+    except script.UserError as e:
+        return weights, str(e)
+
+
 def exit_code_where_runs_is_unwritable(rank, script, network, cwd, argv, envs_from=None, rank_1_differs=False):
     """The exit code of a torchrun rank of `script` (train_as_rank's arguments) in a folder where rank 0
     alone finds a mistake: it cannot make the run's folder."""

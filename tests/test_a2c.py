@@ -17,10 +17,10 @@ import tyro
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, join_gloo,
-                      make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps, read_tags,
-                      run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank, collectives_then_training,
-                      free_port, toy_env_module, wandb_records)
+from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
+                      join_gloo, make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps,
+                      read_tags, run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank,
+                      collectives_then_training, free_port, toy_env_module, wandb_records)
 
 
 def cols(rows, dtype=np.float32):
@@ -986,7 +986,8 @@ def half_batch_update(ranks, transitions):
 
 def collectives_as_rank(rank):
     """(b) one update of this rank's half of a batch; (c) its running statistics, fed data of its own for two
-    rollouts and merged after each, and its share of the advantages' mean and std."""
+    rollouts and merged after each, and its share of the advantages' mean and std; a UserError on one rank;
+    the start from rank 0's weights."""
     join_gloo()
     ranks = a2c.Ranks(rank, 2)
     update = half_batch_update(ranks, slice(8 * rank, 8 * (rank + 1)))
@@ -997,7 +998,8 @@ def collectives_as_rank(rank):
         rms.update(rollout)
         statistics.merge()
     return (update, (rms.mean, rms.var, rms.count, a2c.union_mean_std(torch.from_numpy(data[:, 0]).float(), ranks)),
-            fail_together_as_rank(a2c, ranks))
+            fail_together_as_rank(a2c, ranks),
+            start_alike_as_rank(a2c, a2c.ActorCritic((2,), gym.spaces.Discrete(2)), ranks))
 
 
 @pytest.fixture(scope="module")
@@ -1024,7 +1026,7 @@ def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_
 
 def test_merged_running_statistics_are_those_of_the_union(two_ranks):
     union = np.concatenate([np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) * 2 + 10])
-    ranks = [statistics for _, statistics, _ in two_ranks[0]]
+    ranks = [statistics for _, statistics, *_ in two_ranks[0]]
     for mean, var, count, (m, s) in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
         np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
         np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
@@ -1037,7 +1039,13 @@ def test_merged_running_statistics_are_those_of_the_union(two_ranks):
 def test_a_user_error_on_one_rank_is_every_rank_s(two_ranks):
     # On every rank, so each exits 2; rank 0 prints it, saying which rank found it when not rank 0.
     expected = ["a mistake only this rank finds", "rank 1: a mistake only this rank finds", None]
-    assert [raised for *_, raised in two_ranks[0]] == [expected, expected]
+    assert [raised for _, _, raised, _ in two_ranks[0]] == [expected, expected]
+
+
+def test_ranks_start_from_rank_0_s_weights_and_refuse_different_steps_together(two_ranks):
+    (weights0, error0), (weights1, error1) = (started for *_, started in two_ranks[0])
+    assert torch.equal(weights0, weights1)
+    assert error0 == error1 == "the ranks resume from different steps (1000 to 2000): each read another checkpoint"
 
 
 def test_a_mistake_only_rank_0_finds_ends_every_rank_with_exit_code_2(two_ranks):

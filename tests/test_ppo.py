@@ -19,10 +19,10 @@ import tyro
 from gymnasium.vector import AutoresetMode
 
 import ppo
-from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, join_gloo,
-                      make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags, run_main,
-                      run_ranks, run_script, ScriptedAtari,
-                      stop_one_rank, collectives_then_training, free_port, toy_env_module, wandb_records)
+from conftest import (ROOT, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
+                      join_gloo, make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags,
+                      run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank, collectives_then_training,
+                      free_port, toy_env_module, wandb_records)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -1152,6 +1152,7 @@ def collectives_as_rank(rank):
     kl_agent, stats = update(agent, mine, lr=1e-4, target_kl=0.01, ranks=ranks)
     out["kl_steps"], out["kl_update"] = stats["minibatch_steps"], parameters(kl_agent)
     out["fail_together"] = fail_together_as_rank(ppo, ranks)
+    out["start_alike"] = start_alike_as_rank(ppo, bandit_batch(128)[0], ranks)
     return out
 
 
@@ -1203,6 +1204,12 @@ def test_a_user_error_on_one_rank_is_every_rank_s(collectives):
     # On every rank, so each exits 2; rank 0 prints it, saying which rank found it when not rank 0.
     expected = ["a mistake only this rank finds", "rank 1: a mistake only this rank finds", None]
     assert [rank["fail_together"] for rank in collectives] == [expected, expected]
+
+
+def test_ranks_start_from_rank_0_s_weights_and_refuse_different_steps_together(collectives):
+    (weights0, error0), (weights1, error1) = (rank["start_alike"] for rank in collectives)
+    assert torch.equal(weights0, weights1)
+    assert error0 == error1 == "the ranks resume from different steps (1000 to 2000): each read another checkpoint"
 
 
 def test_a_mistake_only_rank_0_finds_ends_every_rank_with_exit_code_2(two_ranks):
