@@ -906,8 +906,8 @@ def start_alike(agent: nn.Module, global_step: int, ranks: Ranks) -> None:
     steps = torch.tensor([global_step, -global_step], device=ranks.device)
     dist.all_reduce(steps, op=dist.ReduceOp.MAX)
     if steps[0] != -steps[1]:
-        raise UserError(f"the ranks resume from different steps ({-steps[1].item()} to {steps[0].item()}): "
-                        "each read another checkpoint")  # every rank knows it: each exits 2
+        raise UserError(f"the ranks start from different steps ({-steps[1].item()} to {steps[0].item()}): "
+                        "every rank must resume from the same checkpoint")  # every rank knows it: each exits 2
 
 
 def average_gradients(agent: nn.Module, ranks: Ranks, kl: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Are the frames ppo.py and a2c.py learn from the usual ones? ale-py's vector env (what the scripts
-use) against a peer's preprocessing, one game each, the same seed and actions, no no-op starts, no
-sticky actions, no frame stack: the newest 84x84 grey frame after each step, until the game ends.
+use) against a peer's preprocessing, one game each, the same seed and actions, with no no-op starts,
+no FIRE at reset, no sticky actions and no frame stack (each of them random or left to a wrapper's
+order): the newest 84x84 grey frame after each step, until the game ends.
 
     pip install opencv-python-headless   # Gymnasium's AtariPreprocessing needs cv2; the scripts do not
     python benchmarks/atari_frames.py    # against Gymnasium's AtariPreprocessing (cv2 INTER_AREA resize)
@@ -41,14 +42,15 @@ np.save(sys.argv[3], np.array(frames))
 """
 
 
-def ale_py_frames(game: str, action_space: gym.spaces.Discrete, steps: int) -> np.ndarray:
-    """The scripts' env with everything random switched off, stepped with the peers' action sequence."""
+def ale_py_frames(game: str, steps: int) -> np.ndarray:
+    """The scripts' env with everything random switched off, stepped with the peers' action sequence (the
+    same minimal action set, so the same draws give the same actions)."""
     envs = AtariVectorEnv(game, 1, noop_max=0, stack_num=1, use_fire_reset=False, reward_clipping=False,
                           repeat_action_probability=0.0, num_threads=1)
     envs.reset(seed=0)
     rng, frames = np.random.default_rng(0), []
     for _ in range(steps):
-        obs, *_ = envs.step(np.array([int(rng.integers(action_space.n))]))
+        obs, *_ = envs.step(np.array([int(rng.integers(envs.single_action_space.n))]))
         frames.append(obs[0, -1])
     return np.array(frames)
 
@@ -69,8 +71,10 @@ def gymnasium_frames(env_id: str) -> np.ndarray:
 def cleanrl_frames(env_id: str, cleanrl_dir: str, python: str) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "frames.npy")
-        subprocess.run([python, "-c", CLEANRL_FRAMES.format(max_steps=MAX_STEPS), cleanrl_dir, env_id, path],
-                       check=True, stderr=subprocess.DEVNULL)
+        done = subprocess.run([python, "-c", CLEANRL_FRAMES.format(max_steps=MAX_STEPS), cleanrl_dir, env_id, path],
+                              stderr=subprocess.PIPE, text=True)
+        if done.returncode:
+            raise SystemExit(f"CleanRL's wrappers failed in {python}:\n{done.stderr}")
         return np.load(path)
 
 
@@ -85,7 +89,7 @@ def main() -> None:
     for game, env_id in GAMES:
         peer = (cleanrl_frames(env_id, args.cleanrl, args.cleanrl_python) if args.cleanrl
                 else gymnasium_frames(env_id))
-        ours = ale_py_frames(game, gym.make(env_id).action_space, len(peer))
+        ours = ale_py_frames(game, len(peer))
         diff = np.abs(ours.astype(int) - peer.astype(int))
         print(f"{env_id}: {len(peer)} steps; largest pixel difference {diff[:-1].max()} before the last frame, "
               f"{diff[-1].max()} at it; pixels off by more than 8: {(diff > 8).mean():.3%}")

@@ -443,20 +443,22 @@ def fail_together_as_rank(script, ranks) -> list:
 
 
 def start_alike_as_rank(script, agent, ranks) -> tuple:
-    """What `script.start_alike` does on this rank: the weights it leaves where rank 1's differed from rank 0's,
-    and what it raises where the ranks resume from different steps (each read another checkpoint)."""
+    """What `script.start_alike` does on this rank: (rank 0's weights before it, this rank's after it, where
+    rank 1's differed from rank 0's; what it raises where the ranks resume from different steps)."""
     import torch
+    flat = lambda: torch.cat([p.detach().flatten() for p in agent.parameters()]).clone()
     if ranks.rank == 1:
         with torch.no_grad():
             for p in agent.parameters():
                 p.add_(1.0)
+    before = flat() if ranks.rank == 0 else None
     script.start_alike(agent, 0, ranks)
-    weights = torch.cat([p.detach().flatten() for p in agent.parameters()])
+    after = flat()
     try:
         script.start_alike(agent, 1000 * (ranks.rank + 1), ranks)
-        return weights, None
+        return before, after, None
     except script.UserError as e:
-        return weights, str(e)
+        return before, after, str(e)
 
 
 def exit_code_where_runs_is_unwritable(rank, script, network, cwd, argv, envs_from=None, rank_1_differs=False):

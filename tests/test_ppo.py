@@ -1207,9 +1207,10 @@ def test_a_user_error_on_one_rank_is_every_rank_s(collectives):
 
 
 def test_ranks_start_from_rank_0_s_weights_and_refuse_different_steps_together(collectives):
-    (weights0, error0), (weights1, error1) = (rank["start_alike"] for rank in collectives)
-    assert torch.equal(weights0, weights1)
-    assert error0 == error1 == "the ranks resume from different steps (1000 to 2000): each read another checkpoint"
+    (rank_0_before, after0, error0), (_, after1, error1) = (rank["start_alike"] for rank in collectives)
+    assert torch.equal(after0, rank_0_before) and torch.equal(after1, rank_0_before)
+    assert error0 == error1 == ("the ranks start from different steps (1000 to 2000): "
+                                "every rank must resume from the same checkpoint")
 
 
 def test_a_mistake_only_rank_0_finds_ends_every_rank_with_exit_code_2(two_ranks):
