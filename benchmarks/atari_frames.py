@@ -3,7 +3,7 @@ use) against a peer's preprocessing, one game each, the same seed and actions, w
 no FIRE at reset, no sticky actions and no frame stack (each of them random or left to a wrapper's
 order): the newest 84x84 grey frame after each step, until the game ends.
 
-    pip install opencv-python-headless   # Gymnasium's AtariPreprocessing needs cv2; the scripts do not
+    pip install -r benchmarks/requirements.txt   # opencv: AtariPreprocessing needs it; the scripts do not
     python benchmarks/atari_frames.py    # against Gymnasium's AtariPreprocessing (cv2 INTER_AREA resize)
     python benchmarks/atari_frames.py --cleanrl CLEANRL_DIR --cleanrl-python CLEANRL_DIR/.venv/bin/python
                                          # against CleanRL's ppo_atari.py wrappers, in CleanRL's environment
@@ -56,8 +56,11 @@ def ale_py_frames(game: str, steps: int) -> np.ndarray:
 
 
 def gymnasium_frames(env_id: str) -> np.ndarray:
-    env = gym.wrappers.AtariPreprocessing(gym.make(env_id), noop_max=0, frame_skip=4, screen_size=84,
-                                          grayscale_obs=True)
+    try:
+        env = gym.wrappers.AtariPreprocessing(gym.make(env_id), noop_max=0, frame_skip=4, screen_size=84,
+                                              grayscale_obs=True)
+    except gym.error.DependencyNotInstalled:
+        raise SystemExit("Gymnasium's AtariPreprocessing needs opencv: pip install opencv-python-headless") from None
     env.reset(seed=0)
     rng, frames = np.random.default_rng(0), []
     for _ in range(MAX_STEPS):
