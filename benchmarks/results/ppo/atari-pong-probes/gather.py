@@ -4,8 +4,9 @@ the repository root).
 
 Each probe run is `python benchmarks/benchmark.py --ratio-runs 0 --script ppo.py --env-ids PongNoFrameskip-v4
 --seeds S --extra "--total-timesteps 2000000 FLAG" --out benchmarks/results/ppo/atari-NAME-probe-sS` (the
-2M-step schedule of the runs it is compared with), stopped by SIGTERM past 950k steps; its results.json is
-made here by compare_runs.py from its TensorBoard log (runs/, not in git) the first time.
+2M-step schedule of the runs it is compared with), stopped by SIGTERM past 950k steps. Its curve is read
+from its compared/results.json (in git), which compare_runs.py makes here from the run's TensorBoard log
+(runs/, not in git) only where it is missing.
 """
 import json
 import os
