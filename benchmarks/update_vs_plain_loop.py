@@ -10,7 +10,7 @@ The two can only agree to float noise: Adam's first steps divide by |g|, so wher
 sign, and so the step, follows rounding. To size that noise the plain loop also runs a second time from
 start weights moved by one float32 step each (to the next float up): a rounding-sized change. If ppo.py's
 update differs from the plain loop by no more than the plain loop differs from itself, the update is that
-loop. The floor is one sample and coarse (1-7% of a parameter's step): an error smaller than that, such as a
+loop. The floor is one sample and coarse (0.1-7% of a parameter's step): an error smaller than that, such as a
 slightly wrong loss scale, which Adam mostly divides away, would not show. Exit code 1 when ppo.py's distance
 is over twice the noise's (a flipped entropy sign gave 9.3x, a doubled clip range 20.8x; ppo.py 0.77x).
 

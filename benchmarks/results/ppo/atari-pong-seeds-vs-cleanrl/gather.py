@@ -1,8 +1,9 @@
 """ppo.py's Pong seeds and CleanRL's, at equal env steps, from the benchmarks' results.json files: the README's
 table (run from the repository root), and this folder's results.json for benchmarks/plot.py.
 
-Runs stopped by SIGTERM short of their 2M-step schedule (CleanRL seeds 2 and 3, ppo.py seed 4) have their
-results.json made here by compare_runs.py from their TensorBoard logs (runs/, not in git) the first time."""
+Runs stopped by SIGTERM short of their 2M-step schedule (CleanRL seeds 2 and 3, ppo.py seed 4) are read from
+their compared/results.json (in git), which compare_runs.py makes here from their TensorBoard logs (runs/, not
+in git) only where it is missing."""
 import json, os, sys, subprocess
 import numpy as np
 R = "benchmarks/results/ppo"
@@ -20,8 +21,7 @@ runs = (entries(f"{R}/atari-vs-cleanrl-PongNoFrameskip-v4/results.json")        
         + entries(f"{R}/atari-s3-PongNoFrameskip-v4/results.json")                    # ppo.py s3
         + stopped(f"{R}/atari-s4-PongNoFrameskip-v4", 4, "ppo.py")                    # ppo.py s4
         + stopped(f"{R}/atari-cleanrl-s2-PongNoFrameskip-v4", 2, "CleanRL ppo_atari.py")
-        + (stopped(f"{R}/atari-cleanrl-s3-PongNoFrameskip-v4", 3, "CleanRL ppo_atari.py")
-           if os.path.isdir(f"{R}/atari-cleanrl-s3-PongNoFrameskip-v4") else []))
+        + stopped(f"{R}/atari-cleanrl-s3-PongNoFrameskip-v4", 3, "CleanRL ppo_atari.py"))
 marks = [250_000, 500_000, 750_000, 900_000, 950_000]
 def mean100(curve, step):
     s, r = np.array(curve["steps"]), np.array(curve["returns"])
