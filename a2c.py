@@ -1282,6 +1282,18 @@ def speaks() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def leave(exit_code: int) -> None:
+    """sys.exit(exit_code); a torchrun worker other than rank 0 first waits, up to 30 s, for torchrun to stop it.
+
+    The ranks of a job end alike (the same mistake, stop or NaN), and torchrun stops every worker as soon as
+    one exits with an error: a rank leaving first could take rank 0 down before it printed the job's one line
+    or finished writing its checkpoint. Once rank 0 has left, torchrun stops the others.
+    """
+    if not speaks() and os.environ.get("TORCHELASTIC_RUN_ID"):
+        time.sleep(30)
+    sys.exit(exit_code)
+
+
 def report_end(exit_code: int, global_step: int) -> None:
     """Say how training ended and exit with its code: 0, 1 (NaN), 130 (Ctrl-C), 143 (SIGTERM)."""
     if exit_code == 1 and speaks():
@@ -1290,7 +1302,7 @@ def report_end(exit_code: int, global_step: int) -> None:
     elif exit_code and speaks():
         print(f"{SCRIPT}: stopped by {ENDINGS[exit_code]} at step {global_step}")
     if exit_code:
-        sys.exit(exit_code)
+        leave(exit_code)
 
 
 def train(args: Args, resume: Optional[dict] = None) -> None:
@@ -1494,7 +1506,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         if dist.is_initialized():  # a rank leaving with gloo's threads running can abort at exit (SIGABRT)
             dist.destroy_process_group()
-        sys.exit(2)
+        leave(2)
     except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
         print(f"{SCRIPT}: interrupted", file=sys.stderr)
         sys.exit(130)

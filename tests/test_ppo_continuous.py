@@ -1181,11 +1181,17 @@ def test_a_stop_request_to_one_rank_stops_every_rank_at_the_same_iteration(tmp_p
 
 
 def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank(tmp_path):
+    # Rank 0 starts 3 s late, as on a busy machine. torchrun stops every worker once one exits with an error,
+    # so rank 1, silent, must not leave first: rank 0 would be stopped before it printed the job's one line.
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "sitecustomize.py").write_text(
+        "import os, time\nif os.environ.get('RANK') == '0':\n    time.sleep(3)\n")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(free_port()), str(ROOT / "ppo_continuous.py"), "--env-id", "Pendulum-v1", "--num-envs", "0"],
-                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(tmp_path / "late")))
     assert out.returncode != 0
-    assert out.stderr.count("ppo_continuous.py: error: --num-envs must be positive, got 0") == 1
+    assert out.stderr.count("ppo_continuous.py: error: --num-envs must be positive, got 0") == 1, out.stderr
 
 
 def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank_even_if_one_rank_alone_finds_it(tmp_path):
