@@ -859,7 +859,7 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
 def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at
     # --total-timesteps, and TensorBoard has each logged step once, in order.
-    argv = ["--num-envs", "4", "--total-timesteps", "20480", "--save-model", "--checkpoint-every", "0"]
+    argv = ["--num-envs", "4", "--total-timesteps", "10240", "--save-model", "--checkpoint-every", "0"]
     proc = subprocess.Popen([sys.executable, str(ROOT / "a2c.py"), *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -869,13 +869,13 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     proc.wait()
     (checkpoint,) = tmp_path.glob("runs/*/model.pt")
     killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
-    assert 0 < killed_at < 20480
+    assert 0 < killed_at < 10240
 
     out = run_script("a2c.py", tmp_path, "--resume", str(checkpoint.parent))
     assert out.returncode == 0, out.stderr
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 20480
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 10240
     steps = read_steps(checkpoint.parent, "losses/policy_loss")  # every 100th update (of 64 steps) and the last
-    assert steps == sorted(set(steps)) and steps[-1] == 20480
+    assert steps == sorted(set(steps)) and steps[-1] == 10240
     episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")
     assert episode_steps == sorted(episode_steps)
 

@@ -1038,8 +1038,8 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
 def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     # Killed with SIGKILL (no chance to save) after its first periodic checkpoint, then resumed:
     # it ends at --total-timesteps, and TensorBoard has each iteration's step once, in order.
-    argv = ["--num-envs", "4", "--num-steps", "128", "--total-timesteps", "10240", "--save-model",
-            "--checkpoint-every", "0"]
+    argv = ["--num-envs", "4", "--num-steps", "128", "--num-minibatches", "2", "--update-epochs", "1",
+            "--total-timesteps", "10240", "--save-model", "--checkpoint-every", "0"]  # cheap updates: resuming is tested
     proc = subprocess.Popen([sys.executable, str(ROOT / "ppo.py"), *argv], cwd=tmp_path,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
