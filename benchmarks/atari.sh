@@ -15,7 +15,7 @@
 # One invocation per seed keeps each pair's results once it ends (benchmark.py writes at the end).
 # In a side-by-side pair (cleanrl, sb3; SEED, default 1, seeds both) the peer is stopped when ours
 # has run its STEPS (SIGTERM), so both had the same wall time; compare_runs.py then compares them at the env
-# steps both reached (benchmark.py reports the stopped peer as FAILED; its TensorBoard log stays).
+# steps both reached (benchmark.py summarises the stopped peer as far as it got, marked "stopped").
 #
 # CLEANRL is a folder holding CleanRL's ppo_atari.py and cleanrl_utils/, with a virtual environment
 # .venv of its own (gymnasium 0.29.1, ale-py 0.9.1, numpy<2, opencv-python-headless, tyro,

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -271,7 +272,8 @@ def main():
             if proc.poll() is None:
                 continue
             running.remove(item)
-            if proc.returncode != 0:
+            stopped = proc.returncode in (143, -signal.SIGTERM)  # SIGTERM: ours saves and exits 143, a peer dies of it
+            if proc.returncode != 0 and not (stopped and not beside):
                 print(f"FAILED ({proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
                 continue
             r = analyse(run_dir_of(sub, env_id, seed), start, env_id)
@@ -286,10 +288,12 @@ def main():
             r.update({"script": a.script, "env_id": env_id, "seed": seed,
                       "command": " ".join(cmd[1:]).replace(ROOT + "/", "")})
             r.pop("sps_window", None)
+            if stopped:  # stopped short of --total-timesteps (as atari.sh stops a peer): summarised as far as it got
+                r["stopped"] = True
             if a.eval:
                 r["eval"] = evaluate(a.script, env_id, seed, out)
             results.append(r)
-            print(f"{env_id} seed {seed}: solve {fmt(r['solve_s'])} s at {r['solve_steps']} steps, "
+            print(f"{env_id} seed {seed}{' (stopped)' if stopped else ''}: solve {fmt(r['solve_s'])} s at {r['solve_steps']} steps, "
                   f"EMA solve {fmt(r['ema_solve_s'])} s, final100 {r['final100']:.1f}, SPS {r.get('sps', 0):.0f}"
                   + (f", eval {fmt(r['eval'])}" if a.eval else ""), flush=True)
     for r in results:
@@ -301,7 +305,7 @@ def main():
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    if results:  # every run failed (or was stopped, as atari.sh stops a peer): nothing to draw
+    if results:  # else every run failed: nothing to draw
         plot(results, os.path.join(out, "curves.png"))
 
 
