@@ -1,10 +1,11 @@
-"""ppo.py on Pong with one flag changed from its defaults (the probes), against ppo.py's defaults and CleanRL's
+"""ppo.py on Pong with one thing changed from its defaults (the probes), against ppo.py's defaults and CleanRL's
 ppo_atari.py, at equal env steps: the README's table, and this folder's results.json and curves.png (run from
 the repository root).
 
-Each probe run is `python benchmarks/benchmark.py --ratio-runs 0 --script ppo.py --env-ids PongNoFrameskip-v4
+Each flag probe run is `python benchmarks/benchmark.py --ratio-runs 0 --script ppo.py --env-ids PongNoFrameskip-v4
 --seeds S --extra "--total-timesteps 2000000 FLAG" --out benchmarks/results/ppo/atari-NAME-probe-sS` (the
-2M-step schedule of the runs it is compared with), stopped by SIGTERM past 950k steps. Its curve is read
+2M-step schedule of the runs it is compared with), stopped by SIGTERM past 950k steps; the env probe runs
+`--script benchmarks/ppo_cleanrl_env_probe.py` with `--exp-name ppo-cleanrl-env` added, the same way. Its curve is read
 from its compared/results.json (in git), which compare_runs.py makes here from the run's TensorBoard log
 (runs/, not in git) only where it is missing.
 """
@@ -20,18 +21,19 @@ import benchmark  # noqa: E402
 
 R = "benchmarks/results/ppo"
 OUT = f"{R}/atari-pong-probes"
-PROBES = {"clip-vloss": "--clip-vloss", "float32": "--cnn-precision float32"}  # folder name: the flag
+PROBES = {"clip-vloss": "ppo.py --clip-vloss", "float32": "ppo.py --cnn-precision float32",  # folder name: label
+          "cleanrl-env": "ppo.py on CleanRL's env"}
 MARKS = [250_000, 500_000, 750_000, 900_000, 950_000]
 
 
-def probe_runs(name, flag):
+def probe_runs(name, label):
     runs = []
     prefix = f"atari-{name}-probe-s"
     for seed in sorted(int(d[len(prefix):]) for d in os.listdir(R) if d.startswith(prefix)):
         folder = f"{R}/{prefix}{seed}"
         if not os.path.exists(f"{folder}/compared/results.json"):
             subprocess.run([sys.executable, "benchmarks/compare_runs.py", "--env-id", "PongNoFrameskip-v4",
-                            "--seed", str(seed), "--runs", f"ppo.py {flag}={folder}", "--at", "250000",
+                            "--seed", str(seed), "--runs", f"{label}={folder}", "--at", "250000",
                             "--out", f"{folder}/compared"], check=True, stdout=subprocess.DEVNULL)
         runs += json.load(open(f"{folder}/compared/results.json"))
     return runs
@@ -46,8 +48,8 @@ def mean100(curve, step):
 if not os.path.exists(f"{R}/atari-pong-seeds-vs-cleanrl/results.json"):
     subprocess.run([sys.executable, f"{R}/atari-pong-seeds-vs-cleanrl/gather.py"], check=True, stdout=subprocess.DEVNULL)
 runs = json.load(open(f"{R}/atari-pong-seeds-vs-cleanrl/results.json"))  # ppo.py's defaults and CleanRL
-for name, flag in PROBES.items():
-    runs += probe_runs(name, flag)
+for name, label in PROBES.items():
+    runs += probe_runs(name, label)
 
 groups = {}
 for r in runs:
