@@ -704,8 +704,12 @@ def rank_seed(seed: int, ranks: Ranks) -> int:
     return int(np.random.SeedSequence([seed, ranks.rank]).generate_state(1)[0] >> 2)  # < 2^30: int32 env seeds fit
 
 
-def leave_ranks(ranks: Ranks) -> None:
+def leave_ranks(ranks: Ranks, together: bool) -> None:
+    """Leave the group; `together` (an end every rank agreed on: done, a stop, a NaN), not before every rank, rank 0
+    with its checkpoint written, is here: torchrun stops every worker as soon as one exits with an error code."""
     if ranks.size > 1:
+        if together:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -1085,15 +1089,14 @@ def speaks() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def leave(exit_code: int) -> None:
-    """sys.exit(exit_code); a torchrun worker other than rank 0 first waits, up to 30 s, for torchrun to stop it.
-
-    The ranks of a job end alike (the same mistake, stop or NaN), and torchrun stops every worker as soon as
-    one exits with an error: a rank leaving first could take rank 0 down before it printed the job's one line
-    or finished writing its checkpoint. Once rank 0 has left, torchrun stops the others.
-    """
+def leave_after_rank_0(exit_code: int) -> None:
+    """sys.exit(exit_code) on a mistake every rank meets; a torchrun worker other than rank 0 first waits, up to
+    30 s, for torchrun to stop it: torchrun stops every worker as soon as one exits with an error, and a rank
+    leaving first could stop rank 0 before it printed the job's one line. (A rank on another machine, whose
+    torchrun does not see rank 0 leave, waits the whole 30 s.)"""
     if not speaks() and os.environ.get("TORCHELASTIC_RUN_ID"):
-        time.sleep(30)
+        with contextlib.suppress(KeyboardInterrupt):
+            time.sleep(30)
     sys.exit(exit_code)
 
 
@@ -1105,7 +1108,7 @@ def report_end(exit_code: int, global_step: int) -> None:
     elif exit_code and speaks():
         print(f"{SCRIPT}: stopped by {ENDINGS[exit_code]} at step {global_step}")
     if exit_code:
-        leave(exit_code)
+        sys.exit(exit_code)
 
 
 def train(args: Args, resume: Optional[dict] = None) -> None:
@@ -1242,7 +1245,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         envs.close()
         if tracker:
             finish_tracking(tracker, f"videos/{run_name}", exit_code)
-        leave_ranks(ranks)
+        leave_ranks(ranks, together=exit_code is not None)  # not after a crash: the others may never come
     report_end(exit_code, global_step)
 
 
@@ -1311,7 +1314,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"{SCRIPT}: error: {e}", file=sys.stderr)
         if dist.is_initialized():  # a rank leaving with gloo's threads running can abort at exit (SIGABRT)
             dist.destroy_process_group()
-        leave(2)
+        leave_after_rank_0(2)
     except KeyboardInterrupt:  # before training started, or during an evaluation: nothing to save
         print(f"{SCRIPT}: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -1189,7 +1189,8 @@ def test_under_torchrun_a_user_error_is_one_line_not_one_per_rank(tmp_path):
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
                           str(free_port()), str(ROOT / "ppo_continuous.py"), "--env-id", "Pendulum-v1", "--num-envs", "0"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                         env=dict(os.environ, PYTHONPATH=str(tmp_path / "late")))
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                             [str(tmp_path / "late")] + [p for p in [os.environ.get("PYTHONPATH")] if p])))
     assert out.returncode != 0
     assert out.stderr.count("ppo_continuous.py: error: --num-envs must be positive, got 0") == 1, out.stderr
 
