@@ -276,7 +276,13 @@ def main():
             if proc.returncode != 0 and not (stopped and not beside):
                 print(f"FAILED ({proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
                 continue
-            r = analyse(run_dir_of(sub, env_id, seed), start, env_id)
+            try:
+                r = analyse(run_dir_of(sub, env_id, seed), start, env_id)
+            except (IndexError, ValueError):  # no run folder, or no episode in it
+                if not stopped:
+                    raise
+                print(f"FAILED (stopped before its first episode ended): {' '.join(cmd)}", file=sys.stderr)
+                continue
             if beside:
                 lo, hi = r["sps_window"]
                 inside = marks[(marks[:, 0] >= lo) & (marks[:, 0] <= hi)]

@@ -1,16 +1,18 @@
 """A probe, not a product: ppo.py learning from CleanRL's Atari env instead of ale-py's vector env, all else ppo.py's.
 
-On Pong, ppo.py's seeds fall behind CleanRL's ppo_atari.py's from about 850k steps (README, Atari). ppo.py's update
-is CleanRL's to rounding (benchmarks/update_vs_plain_loop.py) and its frames are CleanRL's to a few grey levels
-(benchmarks/atari_frames.py), but not every env detail is: ale-py fills a game's first frame stack with zeros
-(CleanRL repeats the first frame), presses FIRE only when a game starts (CleanRL: after every reset, and then
-action 2), and counts its no-op starts its own way. This runs ppo.py unchanged but for `make_atari_envs`, which
-builds CleanRL's `make_env` chain in a SyncVectorEnv (same-step autoreset, as gymnasium 0.29's):
+On Pong, ppo.py's first four seeds fell behind CleanRL's first three from about 850k steps (README, Atari; with five
+against four, the gap is gone). ppo.py's update is CleanRL's to rounding (benchmarks/update_vs_plain_loop.py) and its
+frames are CleanRL's to a few grey levels (benchmarks/atari_frames.py), but not every env detail is: ale-py fills a
+game's first frame stack with zeros (CleanRL repeats the first frame), presses FIRE only when a game starts
+(CleanRL: after every reset, and then action 2), and counts its no-op starts its own way. This runs ppo.py unchanged
+but for `make_atari_envs`, which builds CleanRL's `make_env` chain in a SyncVectorEnv (same-step autoreset, as
+gymnasium 0.29's):
 
     RecordEpisodeStatistics, NoopReset(30), MaxAndSkip(4), EpisodicLife, FireReset, ClipReward,
     Resize(84x84, cv2 INTER_AREA), grey (cv2's weights, as gymnasium 0.29's wrapper), FrameStack(4, first frame repeated)
 
-with Stable-Baselines3's wrappers (CleanRL's cleanrl_utils/atari_wrappers.py are a copy of them). The lost life
+with Stable-Baselines3's wrappers (CleanRL's cleanrl_utils/atari_wrappers.py are a copy of them). Under them is
+this project's ale-py and gymnasium 1.x, not CleanRL's ale-py 0.9.1 and gymnasium 0.29.1. The lost life
 and the clipped reward are then the wrappers' (ppo.py's AtariLearnerView is not used); the logged return is still
 the whole game's, recorded under them.
 

@@ -53,5 +53,5 @@ ranks = [1 + sum(x < v for x in pooled) + (sum(x == v for x in pooled) - 1) / 2 
 observed = sum(ranks[i] for i in range(len(ours)))
 splits = list(itertools.combinations(range(len(pooled)), len(ours)))
 p = sum(sum(ranks[i] for i in split) <= observed for split in splits) / len(splits)
-print(f"at 950k: ppo.py's {len(ours)} seeds rank below CleanRL's {len(theirs)} with one-sided p = {p:.3f} "
+print(f"at 950k, ppo.py's {len(ours)} seeds against CleanRL's {len(theirs)}: one-sided p (ppo.py lower) = {p:.3f} "
       f"(exact rank-sum over {math.comb(len(pooled), len(ours))} splits)")
