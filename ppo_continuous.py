@@ -705,8 +705,9 @@ def rank_seed(seed: int, ranks: Ranks) -> int:
 
 
 def leave_ranks(ranks: Ranks, together: bool) -> None:
-    """Leave the group; `together` (an end every rank agreed on: done, a stop, a NaN), not before every rank, rank 0
-    with its checkpoint written, is here: torchrun stops every worker as soon as one exits with an error code."""
+    """Leave the process group. After an end every rank agreed on (`together`: done, a stop, a NaN), first wait in a
+    barrier until every rank, rank 0 with its checkpoint written, is here: torchrun stops the whole job as soon
+    as one worker exits with an error code."""
     if ranks.size > 1:
         if together:
             dist.barrier()
