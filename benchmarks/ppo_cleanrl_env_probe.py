@@ -1,7 +1,7 @@
 """A probe, not a product: ppo.py learning from CleanRL's Atari env instead of ale-py's vector env, all else ppo.py's.
 
-On Pong, ppo.py's first four seeds fell behind CleanRL's first three from about 850k steps (README, Atari; with five
-against four, the gap is gone). ppo.py's update is CleanRL's to rounding (benchmarks/update_vs_plain_loop.py) and its
+On Pong, ppo.py's first four seeds fell behind CleanRL's first three from about 850k steps (README, Atari; with more
+seeds, the gap is gone). ppo.py's update is CleanRL's to rounding (benchmarks/update_vs_plain_loop.py) and its
 frames are CleanRL's to a few grey levels (benchmarks/atari_frames.py), but not every env detail is: ale-py fills a
 game's first frame stack with zeros (CleanRL repeats the first frame), presses FIRE only when a game starts
 (CleanRL: after every reset, and then action 2), and counts its no-op starts its own way. This runs ppo.py unchanged
