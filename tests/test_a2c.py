@@ -312,6 +312,28 @@ def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
     one_line_error(run_script("a2c.py", tmp_path, "--env-id", "NoSuchEnv-v0"), "a2c.py", "unknown env id")
 
 
+SEE_TORCH_LOAD = """
+import os, sys
+class SeeTorchLoad:  # an import hook that only looks: what torch's OpenMP runtime will read when it loads
+    def find_spec(self, name, path, target=None):
+        if name == "torch":
+            print("GOMP_SPINCOUNT when torch loads:", os.environ.get("GOMP_SPINCOUNT"))
+sys.meta_path.insert(0, SeeTorchLoad())
+import a2c
+"""
+
+
+@pytest.mark.parametrize("preset, seen", [({}, "30000"), ({"OMP_WAIT_POLICY": "PASSIVE"}, "None"),
+                                          ({"GOMP_SPINCOUNT": "7"}, "7")])
+def test_torch_threads_spin_briefly_unless_the_user_chose_how_they_wait(preset, seen):
+    """libgomp reads its spin count once, when torch loads it: a2c.py sets it before, and not over the user's own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}  # a2c, imported
+    result = subprocess.run([sys.executable, "-c", SEE_TORCH_LOAD], cwd=ROOT, env={**env, **preset},  # here, set it
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[0] == f"GOMP_SPINCOUNT when torch loads: {seen}"
+
+
 def test_checkpoint_errors(tmp_path, capsys):
     foreign = tmp_path / "reinforce.pt"
     torch.save({"script": "reinforce.py", "model": {}}, foreign)
