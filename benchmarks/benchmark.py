@@ -174,13 +174,19 @@ def table(results):
         finals = np.array([r["final100"] for r in runs])
         evals = [r["eval"] for r in runs if r.get("eval") is not None]
         lines.append(
-            f"| {script} | {env_id} | {len(runs)} | {len(solved)}/{len(runs)} (≥ {runs[0]['threshold']}) "
+            f"| {script} | {env_id} | {seeds_cell(runs)} | {len(solved)}/{len(runs)} (≥ {runs[0]['threshold']}) "
             f"| {fmt(med('solve_s'))} | {fmt(med('solve_steps'), 0)} "
             f"| {fmt(float(np.median(ema)) if len(ema) >= len(runs) / 2 else None)} "
             f"| {finals.mean():.1f} ± {finals.std():.1f} (min {finals.min():.1f}) "
             f"| {fmt(float(np.mean(evals)) if evals else None)} "
             f"| {np.median([r['sps'] for r in runs]):.0f} | {ratio_cells(runs)} |")
     return "\n".join(lines)
+
+
+def seeds_cell(runs):
+    """How many seeds, and how many of them were stopped short (their final mean is where they stopped)."""
+    stopped = sum(bool(r.get("stopped")) for r in runs)
+    return f"{len(runs)} ({stopped} stopped short)" if stopped else str(len(runs))
 
 
 def ratio_cells(runs):
