@@ -1,0 +1,49 @@
+"""a2c.py with --num-envs 32 (the probe) against its default 16 envs on Breakout and Pong, at equal env steps:
+the README's table, and this folder's results.json and curves.png (run from the repository root).
+
+Each probe run is `OMP_NUM_THREADS=1 python benchmarks/benchmark.py --script a2c.py --env-ids GAMENoFrameskip-v4
+--seeds 1 --ratio-runs 0 --eval --extra "--total-timesteps 2000000 --num-envs 32 --exp-name a2c-32envs"
+--out benchmarks/results/a2c/atari-32envs-probe-GAMENoFrameskip-v4`, the two games at once on the two cores,
+as the 16-env runs it is compared with ran (their folders below; older a2c.py code, the same defaults).
+"""
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, "benchmarks")
+import benchmark  # noqa: E402
+
+R = "benchmarks/results/a2c"
+OUT = f"{R}/atari-32envs-probe"
+SIXTEEN = ["atari-s1", "atari-s2-BreakoutNoFrameskip-v4", "atari-vs-sb3-BreakoutNoFrameskip-v4/ours",
+           "atari-vs-sb3-PongNoFrameskip-v4/ours"]
+MARKS = [250_000, 500_000, 1_000_000, 1_500_000, 1_990_000]
+
+
+def mean100(curve, step):
+    """The mean of the last 100 games that ended by `step`; None if the run stopped before it."""
+    s, r = np.array(curve["steps"]), np.array(curve["returns"])
+    return float(r[s <= step][-100:].mean()) if s.max() >= step else None
+
+
+runs = []
+for folder in SIXTEEN:
+    for r in json.load(open(f"{R}/{folder}/results.json")):
+        runs.append(dict(r, script="a2c.py (16 envs)", folder=folder))
+for game in ("Breakout", "Pong"):
+    path = f"{R}/atari-32envs-probe-{game}NoFrameskip-v4/results.json"
+    if os.path.exists(path):
+        runs += [dict(r, script="a2c.py --num-envs 32", folder=os.path.relpath(os.path.dirname(path), R)) for r in json.load(open(path))]
+
+print("| game | run | seed | " + " | ".join(f"at {m / 1e6:g}M" for m in MARKS) + " | eval | SPS | folder |")
+print("|---|---|---|" + "---|" * len(MARKS) + "---|---|---|")
+for game in ("BreakoutNoFrameskip-v4", "PongNoFrameskip-v4"):
+    for r in sorted((r for r in runs if r["env_id"] == game), key=lambda r: (r["script"], r["seed"])):
+        cells = " | ".join("—" if v is None else f"{v:.1f}" for v in (mean100(r["curve"], m) for m in MARKS))
+        print(f"| {game[:-len('NoFrameskip-v4')]} | {r['script']} | {r['seed']} | {cells} "
+              f"| {benchmark.fmt(r.get('eval'))} | {r['sps']:.0f} | `{r['folder']}` |")
+os.makedirs(OUT, exist_ok=True)
+json.dump(runs, open(f"{OUT}/results.json", "w"))
+benchmark.plot(runs, f"{OUT}/curves.png")
