@@ -5,6 +5,8 @@ Each probe run is `OMP_NUM_THREADS=1 python benchmarks/benchmark.py --script a2c
 --seeds 1 --ratio-runs 0 --eval --extra "--total-timesteps 2000000 --num-envs 32 --exp-name a2c-32envs"
 --out benchmarks/results/a2c/atari-32envs-probe-GAMENoFrameskip-v4`, the two games at once on the two cores,
 as the 16-env runs it is compared with ran (their folders below; older a2c.py code, the same defaults).
+The second probe adds `--learning-rate 1e-3` (the default 7e-4 times about √2, for the doubled batch) and
+`lr1e-3` to the names, without --eval.
 """
 import json
 import os
@@ -32,10 +34,13 @@ runs = []
 for folder in SIXTEEN:
     for r in json.load(open(f"{R}/{folder}/results.json")):
         runs.append(dict(r, script="a2c.py (16 envs)", folder=folder))
-for game in ("Breakout", "Pong"):
-    path = f"{R}/atari-32envs-probe-{game}NoFrameskip-v4/results.json"
-    if os.path.exists(path):
-        runs += [dict(r, script="a2c.py --num-envs 32", folder=os.path.relpath(os.path.dirname(path), R)) for r in json.load(open(path))]
+PROBES = {"atari-32envs-probe": "a2c.py --num-envs 32",  # folder name: label
+          "atari-32envs-lr1e-3-probe": "a2c.py --num-envs 32 --learning-rate 1e-3"}
+for name, label in PROBES.items():
+    for game in ("Breakout", "Pong"):
+        path = f"{R}/{name}-{game}NoFrameskip-v4/results.json"
+        if os.path.exists(path):
+            runs += [dict(r, script=label, folder=os.path.relpath(os.path.dirname(path), R)) for r in json.load(open(path))]
 
 print("| game | run | seed | " + " | ".join(f"at {m / 1e6:g}M" for m in MARKS) + " | eval | SPS | folder |")
 print("|---|---|---|" + "---|" * len(MARKS) + "---|---|---|")
