@@ -1,5 +1,7 @@
 """benchmarks/benchmark.py's summary table."""
 
+import json
+import subprocess
 import sys
 
 from conftest import ROOT
@@ -16,3 +18,15 @@ def test_the_table_says_how_many_seeds_were_stopped_short():
     assert full.split(" | ")[2] == "2"
     assert short.split(" | ")[2] == "2 (1 stopped short)"
     assert "-14.0 ± 6.0" in short
+
+
+def test_a_run_stopped_before_its_first_episode_is_reported_not_summarised(tmp_path):
+    # As atari.sh stops a slow peer: SIGTERM before any episode ended leaves no curve to summarise.
+    script = tmp_path / "stopped_at_once.py"
+    script.write_text("import os, signal\nos.kill(os.getpid(), signal.SIGTERM)\n")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--script", str(script),
+                          "--env-ids", "CartPole-v1", "--seeds", "1", "--ratio-runs", "0", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "FAILED (stopped before its first episode ended)" in out.stderr
+    assert json.loads((tmp_path / "out" / "results.json").read_text()) == []
