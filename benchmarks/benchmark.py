@@ -230,7 +230,7 @@ def plot(results, path):
             ax.set_xlabel("env steps" if xkey == "steps" else "wall seconds from process start")
             ax.set_ylabel("return (mean of last 100 episodes)")
             ax.set_title(f"{env_id}")
-            ax.legend(loc="lower right", fontsize=8)
+            ax.legend(loc="best", fontsize=7)  # where it hides the fewest points
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
