@@ -1,4 +1,4 @@
-"""a2c.py with --num-envs 32 (the probe) against its default 16 envs on Breakout and Pong, at equal env steps:
+"""a2c.py with --num-envs 32 (the probe) against its default 16 envs and SB3's A2C on Breakout and Pong, at equal env steps:
 the README's table, and this folder's results.json and curves.png (run from the repository root).
 
 Each probe run is `OMP_NUM_THREADS=1 python benchmarks/benchmark.py --script a2c.py --env-ids GAMENoFrameskip-v4
@@ -63,8 +63,8 @@ for game in ("BreakoutNoFrameskip-v4", "PongNoFrameskip-v4"):
         print(f"| {game[:-len('NoFrameskip-v4')]} | {r['script']} | {r['seed']} | {cells} "
               f"| {benchmark.fmt(r.get('eval'))} | {r['sps']:.0f} | `{r['folder']}` |")
 
-print("\nMeans over seeds (a mark counts only the runs that reached it):\n")
-print("| game | run | seeds | " + " | ".join(f"at {m / 1e6:g}M" for m in MARKS) + " |")
+print("\nMeans over runs (a mark counts only the runs that reached it; 16 envs on Breakout ran seed 1 twice):\n")
+print("| game | run | runs | " + " | ".join(f"at {m / 1e6:g}M" for m in MARKS) + " |")
 print("|---|---|---|" + "---|" * len(MARKS))
 for game in ("BreakoutNoFrameskip-v4", "PongNoFrameskip-v4"):
     for script in sorted({r["script"] for r in runs if r["env_id"] == game}):
