@@ -4,7 +4,8 @@ the README's table, and this folder's results.json and curves.png (run from the 
 Each probe run is `OMP_NUM_THREADS=1 python benchmarks/benchmark.py --script a2c.py --env-ids GAMENoFrameskip-v4
 --seeds 1 --ratio-runs 0 --eval --extra "--total-timesteps 2000000 --num-envs 32 --exp-name a2c-32envs"
 --out benchmarks/results/a2c/atari-32envs-probe-GAMENoFrameskip-v4`, the two games at once on the two cores,
-as the 16-env runs it is compared with ran (their folders below; older a2c.py code, the same defaults).
+as the 16-env runs it is compared with ran (their folders below; older a2c.py code, the same defaults;
+Pong seed 3, `atari-s3-PongNoFrameskip-v4`, ran later, alone, on the newest code).
 The second probe adds `--learning-rate 1e-3` (the default 7e-4 times about √2, for the doubled batch) and
 `lr1e-3` to the names, without --eval; its seed 2 (`--seeds 2`, `-s2` after `probe` in the folder's name) with
 --eval. SB3's A2C (rl-zoo's Atari settings, `benchmarks/sb3_a2c.py`) is there for the issue's comparison at
@@ -25,7 +26,7 @@ import benchmark  # noqa: E402
 R = "benchmarks/results/a2c"
 OUT = f"{R}/atari-32envs-probe"
 SIXTEEN = ["atari-s1", "atari-s2-BreakoutNoFrameskip-v4", "atari-vs-sb3-BreakoutNoFrameskip-v4/ours",
-           "atari-vs-sb3-PongNoFrameskip-v4/ours"]
+           "atari-vs-sb3-PongNoFrameskip-v4/ours", "atari-s3-PongNoFrameskip-v4"]
 MARKS = [250_000, 500_000, 1_000_000, 1_250_000, 1_500_000, 1_990_000]
 
 
