@@ -481,6 +481,29 @@ def exit_code_where_runs_is_unwritable(rank, script, network, cwd, argv, envs_fr
         os.chdir(cwd)
 
 
+def slow_rank_0_save_as_rank(rank, script, cwd, argv):
+    """A rank of a 2-rank run of `script` (a module name) whose rank 0 takes 2 s to write its checkpoint:
+    when rank 0 had written it and when each rank had left the group."""
+    import importlib
+    module = importlib.import_module(script)
+    os.chdir(cwd)
+    times = {}
+    save, leave = module.save_checkpoint, module.leave_ranks
+
+    def slow_save(*args, **kwargs):
+        time.sleep(2)
+        save(*args, **kwargs)
+        times["saved"] = time.time()
+
+    def timed_leave(*args, **kwargs):
+        leave(*args, **kwargs)
+        times["left"] = time.time()
+
+    module.save_checkpoint, module.leave_ranks = slow_save, timed_leave
+    module.main(argv)
+    return times
+
+
 def collectives_then_training(rank, collectives, ports, *train_args):
     """A rank that first runs `collectives(rank)` in a gloo group (join_gloo), leaves it, then starts as a
     torchrun rank where runs/ cannot be written (`exit_code_where_runs_is_unwritable`), then trains as one,

@@ -21,7 +21,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import (ROOT, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
+from conftest import (ROOT, slow_rank_0_save_as_rank, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
                       start_alike_as_rank, join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps,
                       read_tags, run_main, run_ranks, run_script, stop_one_rank, collectives_then_training,
                       wandb_records)
@@ -1171,33 +1171,12 @@ def test_a_mistake_only_rank_0_finds_ends_every_rank_with_exit_code_2(two_ranks)
     assert two_ranks[3] == [2, 2]  # runs/ unwritable: rank 1 no longer crashes in its next collective
 
 
-def slow_rank_0_save_as_rank(rank, cwd, argv):
-    """A rank of a 2-rank run whose rank 0 takes 2 s to write its checkpoint: when rank 0 had written it and
-    when each rank had left the group."""
-    os.chdir(cwd)
-    times = {}
-    save, leave = pc.save_checkpoint, pc.leave_ranks
-
-    def slow_save(*args, **kwargs):
-        time.sleep(2)
-        save(*args, **kwargs)
-        times["saved"] = time.time()
-
-    def timed_leave(*args, **kwargs):
-        leave(*args, **kwargs)
-        times["left"] = time.time()
-
-    pc.save_checkpoint, pc.leave_ranks = slow_save, timed_leave
-    pc.main(argv)
-    return times
-
-
 def test_at_the_end_no_rank_leaves_before_rank_0_has_saved(tmp_path):
     # torchrun stops the whole job once one worker exits with an error code (here 143 would be one): a rank that
     # left first could stop rank 0 mid-checkpoint.
     argv = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "64", "--num-minibatches", "2",
             "--total-timesteps", "512", "--save-model", "--checkpoint-every", "1e9"]
-    rank0, rank1 = run_ranks(slow_rank_0_save_as_rank, 2, str(tmp_path), argv, tmp_path=tmp_path)
+    rank0, rank1 = run_ranks(slow_rank_0_save_as_rank, 2, "ppo_continuous", str(tmp_path), argv, tmp_path=tmp_path)
     assert rank1["left"] >= rank0["saved"]
 
 
