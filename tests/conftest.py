@@ -482,7 +482,7 @@ def exit_code_where_runs_is_unwritable(rank, script, network, cwd, argv, envs_fr
 
 
 def slow_rank_0_save_as_rank(rank, script, cwd, argv):
-    """A rank of a 2-rank run of `script` (a module name) whose rank 0 takes 2 s to write its checkpoint:
+    """A rank of a 2-rank run of `script` (a module name) whose rank 0 takes 1 s longer to write its checkpoint:
     when rank 0 had written it and when each rank had left the group."""
     import importlib
     module = importlib.import_module(script)
@@ -491,7 +491,7 @@ def slow_rank_0_save_as_rank(rank, script, cwd, argv):
     save, leave = module.save_checkpoint, module.leave_ranks
 
     def slow_save(*args, **kwargs):
-        time.sleep(2)
+        time.sleep(1)  # without the end-of-run barrier rank 1 leaves at least this long before rank 0 has saved
         save(*args, **kwargs)
         times["saved"] = time.time()
 
