@@ -711,6 +711,24 @@ def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
     one_line_error(run_script("ppo_continuous.py", tmp_path, "--env-id", "CartPole-v1"), "ppo_continuous.py", "ppo.py")
 
 
+@pytest.mark.parametrize("rank, launcher, says, waits", [("0", "torchrun", True, False), ("1", "torchrun", False, True),
+                                                        ("1", None, False, False)])
+def test_under_torchrun_only_rank_0_says_a_user_error_and_the_others_wait_to_be_stopped(
+        tmp_path, capsys, monkeypatch, rank, launcher, says, waits):
+    # torchrun stops every worker once one exits with an error: a silent rank leaving first could stop rank 0
+    # before it printed the job's one line. Without torchrun (TORCHELASTIC_RUN_ID unset) no one is there to stop it.
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    if launcher:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", launcher)
+    slept = []
+    monkeypatch.setattr(pc.time, "sleep", slept.append)
+    out = run_main(pc, tmp_path, capsys, "--num-envs", "0")
+    assert out.returncode == 2
+    assert ("--num-envs must be positive" in out.stderr) == says and out.stderr.count("\n") == says, out.stderr
+    assert slept == ([30] if waits else [])
+
+
 def test_checkpoint_errors(tmp_path, capsys):
     script = "ppo_continuous.py"
     foreign = tmp_path / "ppo.pt"
