@@ -179,6 +179,27 @@ def one_line_error(out, script, *fragments):
         assert f in lines[0], lines[0]
 
 
+# (rank, TORCHELASTIC_RUN_ID, whether it prints the error, whether it waits for torchrun to stop it)
+USER_ERROR_UNDER_TORCHRUN = [("0", "torchrun", True, False), ("1", "torchrun", False, True), ("1", None, False, False)]
+
+
+def user_error_as_rank(module, tmp_path, capsys, monkeypatch, rank, launcher, says, waits):
+    """A mistake every rank meets (--num-envs 0), made by `module`'s main as torchrun's rank `rank`: exit code 2;
+    rank 0 alone prints it; another rank waits 30 s for torchrun to stop it, since torchrun stops every worker
+    once one exits with an error and a rank leaving first could stop rank 0 before it printed the job's one line.
+    Without torchrun (TORCHELASTIC_RUN_ID unset) no one would stop it: it leaves at once."""
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    if launcher:
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", launcher)
+    slept = []
+    monkeypatch.setattr(module.time, "sleep", slept.append)
+    out = run_main(module, tmp_path, capsys, "--num-envs", "0")
+    assert out.returncode == 2
+    assert ("--num-envs must be positive" in out.stderr) == says and out.stderr.count("\n") == says, out.stderr
+    assert slept == ([30] if waits else [])
+
+
 class Counter(gym.Env):
     """A test env: obs = [steps taken this episode]; reward = that count after the step;
     terminates after `terminate_at` steps (wrap it in a TimeLimit to truncate instead)."""

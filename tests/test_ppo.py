@@ -22,7 +22,8 @@ import ppo
 from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
                       join_gloo, make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags,
                       run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank, collectives_then_training,
-                      free_port, toy_env_module, wandb_records)
+                      free_port, toy_env_module, wandb_records,
+                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -580,22 +581,10 @@ def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
     one_line_error(run_script("ppo.py", tmp_path, "--env-id", "Pendulum-v1"), "ppo.py", "ppo_continuous.py")
 
 
-@pytest.mark.parametrize("rank, launcher, says, waits", [("0", "torchrun", True, False), ("1", "torchrun", False, True),
-                                                        ("1", None, False, False)])
+@pytest.mark.parametrize("rank, launcher, says, waits", USER_ERROR_UNDER_TORCHRUN)
 def test_under_torchrun_only_rank_0_says_a_user_error_and_the_others_wait_to_be_stopped(
         tmp_path, capsys, monkeypatch, rank, launcher, says, waits):
-    # torchrun stops every worker once one exits with an error: a silent rank leaving first could stop rank 0
-    # before it printed the job's one line. Without torchrun (TORCHELASTIC_RUN_ID unset) no one is there to stop it.
-    monkeypatch.setenv("RANK", rank)
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    if launcher:
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", launcher)
-    slept = []
-    monkeypatch.setattr(ppo.time, "sleep", slept.append)
-    out = run_main(ppo, tmp_path, capsys, "--num-envs", "0")
-    assert out.returncode == 2
-    assert ("--num-envs must be positive" in out.stderr) == says and out.stderr.count("\n") == says, out.stderr
-    assert slept == ([30] if waits else [])
+    user_error_as_rank(ppo, tmp_path, capsys, monkeypatch, rank, launcher, says, waits)
 
 
 def test_checkpoint_errors(tmp_path, capsys):

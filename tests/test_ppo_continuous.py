@@ -24,7 +24,8 @@ import ppo_continuous as pc
 from conftest import (ROOT, slow_rank_0_save_as_rank, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
                       start_alike_as_rank, join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps,
                       read_tags, run_main, run_ranks, run_script, stop_one_rank, collectives_then_training,
-                      wandb_records)
+                      wandb_records,
+                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -711,22 +712,10 @@ def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
     one_line_error(run_script("ppo_continuous.py", tmp_path, "--env-id", "CartPole-v1"), "ppo_continuous.py", "ppo.py")
 
 
-@pytest.mark.parametrize("rank, launcher, says, waits", [("0", "torchrun", True, False), ("1", "torchrun", False, True),
-                                                        ("1", None, False, False)])
+@pytest.mark.parametrize("rank, launcher, says, waits", USER_ERROR_UNDER_TORCHRUN)
 def test_under_torchrun_only_rank_0_says_a_user_error_and_the_others_wait_to_be_stopped(
         tmp_path, capsys, monkeypatch, rank, launcher, says, waits):
-    # torchrun stops every worker once one exits with an error: a silent rank leaving first could stop rank 0
-    # before it printed the job's one line. Without torchrun (TORCHELASTIC_RUN_ID unset) no one is there to stop it.
-    monkeypatch.setenv("RANK", rank)
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
-    if launcher:
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", launcher)
-    slept = []
-    monkeypatch.setattr(pc.time, "sleep", slept.append)
-    out = run_main(pc, tmp_path, capsys, "--num-envs", "0")
-    assert out.returncode == 2
-    assert ("--num-envs must be positive" in out.stderr) == says and out.stderr.count("\n") == says, out.stderr
-    assert slept == ([30] if waits else [])
+    user_error_as_rank(pc, tmp_path, capsys, monkeypatch, rank, launcher, says, waits)
 
 
 def test_checkpoint_errors(tmp_path, capsys):
