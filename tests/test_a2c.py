@@ -763,7 +763,7 @@ def test_learns_a_bandit_from_frames(tmp_path, capsys, precision):
 
 
 @pytest.mark.skipif(a2c.ale_py is None, reason="needs ale-py")
-def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
+def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     # Pong, because every game ends (an untrained agent loses 21-0 in about 800 steps).
     tags, run = frames_run(tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--num-envs", "2",
                            "--total-timesteps", "200", "--save-model")
@@ -774,6 +774,9 @@ def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     score = float(out.stdout.split("eval: 1 episodes of PongNoFrameskip-v4: return ")[1].split()[0])
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "400")  # and it goes on
+    assert out.returncode == 0, out.stderr
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 400
     if importlib.util.find_spec("moviepy") is not None:  # the game on film, as the agent saw it
         out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
                        str(run / "model.pt"), "--eval-episodes", "1", "--capture-video")

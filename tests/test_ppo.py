@@ -846,7 +846,7 @@ def test_atari_ids_make_the_preprocessed_vector_env():
 
 
 @pytest.mark.skipif(ppo.ale_py is None, reason="needs ale-py")
-def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
+def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     # Pong, because every game ends (an untrained agent loses 21-0 in about 800 steps).
     tags = logged_run(tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--num-envs", "2", "--num-steps", "64",
                       "--total-timesteps", "256", "--save-model")
@@ -858,6 +858,9 @@ def test_atari_smoke_train_save_and_evaluate(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     score = float(out.stdout.split("eval: 1 episodes of PongNoFrameskip-v4: return ")[1].split()[0])
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
+    out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "512")  # and it goes on
+    assert out.returncode == 0, out.stderr
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 512
     if importlib.util.find_spec("moviepy") is not None:  # the game on film, as the agent saw it
         out = run_main(ppo, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
                        str(run / "model.pt"), "--eval-episodes", "1", "--capture-video")
