@@ -195,7 +195,7 @@ def user_error_as_rank(module, tmp_path, capsys, monkeypatch, rank, launcher, sa
     slept = []
     monkeypatch.setattr(module.time, "sleep", slept.append)
     out = run_main(module, tmp_path, capsys, "--num-envs", "0")
-    assert out.returncode == 2
+    assert out.returncode == 2, out.stderr
     assert ("--num-envs must be positive" in out.stderr) == says and out.stderr.count("\n") == says, out.stderr
     assert slept == ([30] if waits else [])
 
@@ -365,9 +365,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, out_dir, fn, args):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(rank, world, port, out_dir, environ, fn, args):
+    os.environ.clear()  # the test's environment as it is now, not the forkserver's from when it started
+    os.environ.update(environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import faulthandler
     import torch
     faulthandler.register(signal.SIGUSR1)  # finish_ranks asks a rank that hangs where it is
@@ -378,26 +379,41 @@ def _rank_main(rank, world, port, out_dir, fn, args):
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-# What every rank imports (torch._dynamo: what an optimizer's first call imports, ~1 s), imported once.
+# What every rank imports (torch._dynamo: what an optimizer's first call imports, ~1 s).
 RANK_PRELOAD = ["torch", "torch._dynamo", "torch.distributed", "torch.utils.tensorboard", "gymnasium", "tyro",
                 "conftest", "reinforce", "a2c", "ppo", "ppo_continuous"]
+
+
+def start_forkserver():
+    """The server the ranks are forked from, started once per test process with RANK_PRELOAD imported: spawned
+    instead, each rank took ~3 s of CPU to import them, two per test (~40 of the suite's ~330 CPU-seconds).
+    A rank still sees the test's environment (`_rank_main` sets it), but what was read at import time (torch's
+    OMP_NUM_THREADS) was the server's. Python 3.11's server ignores the caller's sys.path, so it starts with the
+    scripts and the tests on PYTHONPATH."""
+    import multiprocessing
+    from multiprocessing import forkserver
+    multiprocessing.set_forkserver_preload(RANK_PRELOAD)
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests")] + ([saved] if saved else []))
+    try:
+        forkserver.ensure_running()  # after the first call, nothing
+    finally:
+        if saved is None:
+            del os.environ["PYTHONPATH"]
+        else:
+            os.environ["PYTHONPATH"] = saved
 
 
 def start_ranks(fn, world, *args, tmp_path):
     """fn(rank, *args) in `world` processes with torchrun's environment (RANK, WORLD_SIZE, MASTER_*),
     started; `finish_ranks` waits for them. fn joins the group itself (the script's own way, or
     `join_gloo`); a module-level function, so the rank processes can import it."""
-    import multiprocessing
     import torch.multiprocessing as mp
     out_dir = tmp_path / f"ranks-{time.monotonic_ns()}"
     out_dir.mkdir()
-    # A process per rank, as under torchrun, forked from a server process that imported torch and the scripts
-    # once: spawned, each rank took ~3 s of CPU to import them, two per test (~40 of the suite's ~330 CPU-seconds).
-    # (Windows has no forkserver: there each rank is spawned.)
-    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-    multiprocessing.set_forkserver_preload(RANK_PRELOAD)
-    return mp.start_processes(_rank_main, args=(world, free_port(), str(out_dir), fn, args), nprocs=world,
-                              join=False, start_method=method), out_dir
+    start_forkserver()
+    return mp.start_processes(_rank_main, args=(world, free_port(), str(out_dir), dict(os.environ), fn, args),
+                              nprocs=world, join=False, start_method="forkserver"), out_dir
 
 
 def finish_ranks(started, timeout=60):

@@ -776,7 +776,10 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
     out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "400")  # and it goes on
     assert out.returncode == 0, out.stderr
-    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 400
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    assert ckpt["global_step"] == 400
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == 40  # from where it left off, not from scratch
+    assert read_steps(run, "charts/SPS") == [200, 400]  # each step logged once
     if importlib.util.find_spec("moviepy") is not None:  # the game on film, as the agent saw it
         out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
                        str(run / "model.pt"), "--eval-episodes", "1", "--capture-video")
