@@ -26,8 +26,7 @@ import benchmark  # noqa: E402
 R = "benchmarks/results/ppo"
 OUT = f"{R}/atari-10M-s3"
 GAMES = {"BreakoutNoFrameskip-v4": 415.0, "PongNoFrameskip-v4": 20.4}  # CleanRL's 10M figure
-MARKS = [1_000_000, 2_000_000, 3_000_000, 4_000_000, 5_000_000, 6_000_000, 7_000_000, 8_000_000, 9_000_000,
-         9_990_000]
+MARKS = [m * 1_000_000 for m in range(1, 10)] + [9_990_000]  # each million; 10M less the last update's games
 
 
 def mean100(steps, returns, step):
