@@ -8,8 +8,8 @@ copied to `atari-10M-s3-GAMENoFrameskip-v4/runs/` and resumed there, the two gam
 
     OMP_NUM_THREADS=1 python ppo.py --resume RUN_FOLDER --total-timesteps 10000000
 
-A session's processes end with it, so each session resumes again with the same command from the checkpoint the
-last one left (SIGTERM saves one; so does every 10 minutes); the status lines are in the folder's resume-*.log.
+One session took both to 4.8M steps; the next found no checkpoints (a session starts from a fresh checkout and
+run folders are not in git), so the runs stop there, and so does this table: it needs those run folders.
 The resumed run keeps its flags, seed and the state of its draws, and the logs after the checkpoint are dropped,
 so the curve is one run's. CleanRL's published 10M figures for its `ppo_atari.py` (the reference the issue
 names): Breakout 415 ± 28, Pong 20.4 ± 0.2.
