@@ -486,6 +486,9 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
         if name not in RESUMABLE and value != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
                             f"{getattr(saved, name)!r}, given {value!r}")
+    if args.total_timesteps < ckpt["global_step"]:
+        raise UserError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
+                        "the run has taken: resume it with more")
     ckpt["run_dir"] = os.path.dirname(os.path.abspath(path))
     return replace(args, save_model=True), ckpt
 
@@ -516,12 +519,13 @@ class StatusLine:
         self.total, self.first_step, self.every = total, first_step, every
         self.start = self.last = time.time()
         self.tty = sys.stdout.isatty()
+        self.shown = None  # the step of the last line shown
 
     def update(self, step: int, recent_returns, force: bool = False) -> None:
         now = time.time()
-        if not force and now - self.last < self.every:
+        if (not force and now - self.last < self.every) or step == self.shown:  # forced at the end: once
             return
-        self.last = now
+        self.last, self.shown = now, step
         sps = (step - self.first_step) / max(now - self.start, 1e-9)
         mean = f"{np.mean(recent_returns):9.2f}" if len(recent_returns) else "      n/a"
         left = max(self.total - step, 0) / max(sps, 1e-9)
@@ -611,6 +615,12 @@ def finish_tracking(tracker, video_folder: str, exit_code: Optional[int]) -> Non
     for path in sorted(glob.glob(f"{video_folder}/*.mp4")):
         tracker.log({f"videos/{os.path.basename(path)[: -len('.mp4')]}": wandb.Video(path)})
     tracker.finish(exit_code=1 if exit_code is None else exit_code)
+
+
+def ending(exit_code: Optional[int]) -> str:
+    """How training ended, for the save's message. A second Ctrl-C raises KeyboardInterrupt wherever it lands,
+    so it leaves no exit code (None, as a crash does) but is the exception still on its way out."""
+    return "a second Ctrl-C" if exit_code is None and sys.exc_info()[0] is KeyboardInterrupt else ENDINGS[exit_code]
 
 
 def report_end(exit_code: int, global_step: int) -> None:
@@ -718,7 +728,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         status.close()
         if args.save_model:
             save_checkpoint(f"{run_dir}/model.pt", args, global_step, policy, optimizer, envs, rng)
-            print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ENDINGS[exit_code]})")
+            print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ending(exit_code)})")
         writer.close()
         envs.close()
         if tracker:

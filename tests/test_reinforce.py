@@ -620,6 +620,30 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(reinforce, tmp_path, capsys, "--resume", str(run), "--episodes-per-update", "8"),
                    "reinforce.py", "--episodes-per-update cannot change when resuming", "4", "8")
+    steps = torch.load(run / "model.pt", weights_only=True)["global_step"]
+    one_line_error(run_main(reinforce, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps - 1)),
+                   "reinforce.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
+
+
+def test_a_second_ctrl_c_stops_at_once_and_saves_as_interrupted_not_crashed(tmp_path, capsys, monkeypatch):
+    # The second Ctrl-C raises KeyboardInterrupt wherever it lands: here, at the first status line.
+    def lands_here(self, step, recent_returns, force=False):
+        if not force:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(reinforce.StatusLine, "update", lands_here)
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
+    assert out.returncode == 130 and out.stderr.strip() == "reinforce.py: interrupted"
+    (run,) = (tmp_path / "runs").iterdir()
+    assert f"model saved to runs/{run.name}/model.pt (a second Ctrl-C)" in out.stdout
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] > 0
+
+
+def test_the_status_line_shows_the_last_step_once(capsys):
+    status = reinforce.StatusLine(total=100, every=0.0)
+    status.update(50, [1.0])
+    status.update(100, [1.0])
+    status.update(100, [1.0], force=True)  # as training's end does, whether or not the last iteration showed it
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["50/100", "100/100"]
 
 
 def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, capsys, monkeypatch):
