@@ -93,8 +93,8 @@ class Args:
 
     env_id: str = "CartPole-v1"
     """the id of the environment (Discrete or Box actions)"""
-    total_timesteps: int = 1_000_000
-    """total env steps of the experiment"""
+    total_timesteps: Optional[int] = None
+    """total env steps of the experiment (unset: 1M for vectors; 10M for frames, the Atari literature's budget)"""
     learning_rate: Optional[float] = None
     """the learning rate of the optimizer (unset: 3e-3 for vectors, 7e-4 for frames)"""
     num_envs: Optional[int] = None
@@ -153,8 +153,9 @@ class Args:
 # (the A2C paper's n = 5 steps, 16 actors), but for our Huber critic loss. Frames keep the advantages
 # as they are, as the A2C paper and rl-zoo do: normalised over 80 transitions of sparse clipped
 # rewards, their noise drove Breakout's policy to one action (entropy 1.39 -> 0.001 by 270k steps, measured).
-DEFAULTS = {"learning_rate": (3e-3, 7e-4), "num_envs": (8, 16), "num_steps": (16, 5), "gamma": (0.999, 0.99),
-            "ent_coef": (0.0, 0.01), "vf_coef": (0.5, 0.25), "norm_adv": (True, False)}
+DEFAULTS = {"total_timesteps": (1_000_000, 10_000_000), "learning_rate": (3e-3, 7e-4), "num_envs": (8, 16),
+            "num_steps": (16, 5), "gamma": (0.999, 0.99), "ent_coef": (0.0, 0.01), "vf_coef": (0.5, 0.25),
+            "norm_adv": (True, False)}
 
 
 def with_defaults(args: Args, frames: bool) -> Args:

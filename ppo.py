@@ -80,8 +80,8 @@ class Args:
 
     env_id: str = "CartPole-v1"
     """the id of the environment (a Discrete action space)"""
-    total_timesteps: int = 1_000_000
-    """total env steps of the experiment"""
+    total_timesteps: Optional[int] = None
+    """total env steps of the experiment (unset: 1M for vectors; 10M for frames, the Atari literature's budget)"""
     learning_rate: Optional[float] = None
     """the learning rate of the optimizer (unset: 1e-3 for vectors, 2.5e-4 for frames)"""
     num_envs: int = 8
@@ -147,8 +147,8 @@ class Args:
 # What an unset flag becomes, by observation kind: (vectors, frames). The vector settings were chosen
 # on the suite of README "Defaults"; the frame settings are those of the Atari PPO literature
 # (CleanRL's ppo_atari.py, but for its clipped value loss: off here, as for vectors).
-DEFAULTS = {"learning_rate": (1e-3, 2.5e-4), "num_steps": (256, 128), "gamma": (0.995, 0.99),
-            "gae_lambda": (0.98, 0.95), "num_minibatches": (32, 4), "clip_coef": (0.2, 0.1)}
+DEFAULTS = {"total_timesteps": (1_000_000, 10_000_000), "learning_rate": (1e-3, 2.5e-4), "num_steps": (256, 128),
+            "gamma": (0.995, 0.99), "gae_lambda": (0.98, 0.95), "num_minibatches": (32, 4), "clip_coef": (0.2, 0.1)}
 
 
 def with_defaults(args: Args, frames: bool) -> Args:

@@ -695,6 +695,8 @@ def test_frames_pick_their_defaults_and_a_given_flag_wins():
     assert (frames.learning_rate, frames.num_envs, frames.num_steps, frames.gamma) == (7e-4, 16, 5, 0.99)
     assert (vectors.learning_rate, vectors.num_envs, vectors.num_steps, vectors.gamma) == (3e-3, 8, 16, 0.999)
     assert a2c.with_defaults(a2c.Args(num_steps=7), frames=True).num_steps == 7
+    assert (vectors.total_timesteps, frames.total_timesteps) == (1_000_000, 10_000_000)
+    assert a2c.with_defaults(a2c.Args(total_timesteps=2000), frames=True).total_timesteps == 2000
     assert (vectors.norm_adv, frames.norm_adv) == (True, False)  # a bool: given either way, it wins
     assert a2c.with_defaults(tyro.cli(a2c.Args, args=["--norm-adv"]), frames=True).norm_adv is True
     assert a2c.with_defaults(tyro.cli(a2c.Args, args=["--no-norm-adv"]), frames=False).norm_adv is False

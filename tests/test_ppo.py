@@ -753,6 +753,8 @@ def test_frames_pick_their_defaults_and_a_given_flag_wins():
     assert (frames.learning_rate, frames.num_steps, frames.num_minibatches, frames.clip_coef) == (2.5e-4, 128, 4, 0.1)
     assert (vectors.learning_rate, vectors.num_steps, vectors.num_minibatches, vectors.clip_coef) == (1e-3, 256, 32, 0.2)
     assert ppo.with_defaults(ppo.Args(learning_rate=0.5), frames=True).learning_rate == 0.5
+    assert (vectors.total_timesteps, frames.total_timesteps) == (1_000_000, 10_000_000)
+    assert ppo.with_defaults(ppo.Args(total_timesteps=2048), frames=True).total_timesteps == 2048
 
 
 def test_learner_signal_clips_rewards_and_ends_episodes_at_lost_lives():
