@@ -187,6 +187,8 @@ def check_args(args: Args) -> None:
 def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     """The registered spec of `env_id`; `module:EnvId-v0` imports `module` first, as gym.make does."""
     module, _, name = env_id.rpartition(":")
+    if name.startswith("ALE/") or "NoFrameskip" in name:  # not even looked up: this script does not load ale-py
+        raise UserError(f"{env_id} is an Atari game, learned from its frames by ppo.py and a2c.py; {SCRIPT} takes Box actions, and vectors")
     if module:
         try:
             importlib.import_module(module)

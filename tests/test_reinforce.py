@@ -283,6 +283,8 @@ def test_same_seed_same_returns(tmp_path):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
+    (["--env-id", "ALE/Breakout-v5"], ["ALE/Breakout-v5 is an Atari game", "ppo.py and a2c.py", "reinforce.py takes vector observations"]),
+    (["--env-id", "ale_py:PongNoFrameskip-v4"], ["ale_py:PongNoFrameskip-v4 is an Atari game"]),
     (["--num-envs", "4", "--episodes-per-update", "6"], ["not a multiple of --num-envs 4"]),
     (["--num-envs", "0"], ["--num-envs must be positive"]),
     (["--episodes-per-update", "-2"], ["--episodes-per-update must be positive"]),
