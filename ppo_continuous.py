@@ -125,7 +125,8 @@ class Args:
     """the initial log σ of the Gaussian, every action dimension (SB3's `log_std_init`; the PPO paper's: 0; see README)"""
 
     eval_checkpoint: Optional[str] = None
-    """evaluate this saved model (deterministic policy: the Gaussian's mean) instead of training"""
+    """evaluate this saved model (its model.pt or its run's folder) with the deterministic policy, the Gaussian's
+    mean, instead of training"""
     eval_episodes: int = 10
     """the number of episodes to evaluate a saved model for"""
     eval_deterministic: bool = True
@@ -939,9 +940,14 @@ RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resum
              "wandb_entity"}
 
 
+def checkpoint_file(path: str) -> str:
+    """A run's checkpoint, named by the file or by the run's folder (which holds it as model.pt)."""
+    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
+
+
 def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
     """The run's flags from its checkpoint, with the ones given again on the command line; and the checkpoint."""
-    path = os.path.join(resume, "model.pt") if os.path.isdir(resume) else resume
+    path = checkpoint_file(resume)
     ckpt = read_checkpoint(path)
     if "rng" not in ckpt:
         raise UserError(f"{path} was written before --resume existed: it can be evaluated, not resumed")
@@ -1268,6 +1274,7 @@ def evaluate(args: Args) -> None:
     Observations are standardised with the statistics saved in the checkpoint, frozen: the
     policy learned on standardised inputs, and without them it acts all but at random.
     """
+    args = replace(args, eval_checkpoint=checkpoint_file(args.eval_checkpoint))
     render_offscreen(args.capture_video)
     check_args(args)
     select_device(args)  # only to warn about a missing GPU: evaluation acts in numpy

@@ -87,7 +87,7 @@ class Args:
     """toggles normalising the rewards-to-go over the batch (mean 0, std 1), as the seed does"""
 
     eval_checkpoint: Optional[str] = None
-    """evaluate this saved model (deterministic policy) instead of training"""
+    """evaluate this saved model (its model.pt or its run's folder; deterministic policy) instead of training"""
     eval_episodes: int = 10
     """the number of episodes to evaluate a saved model for"""
 
@@ -476,9 +476,14 @@ RESUMABLE = {"total_timesteps", "checkpoint_every", "save_model", "cuda", "resum
              "wandb_entity"}
 
 
+def checkpoint_file(path: str) -> str:
+    """A run's checkpoint, named by the file or by the run's folder (which holds it as model.pt)."""
+    return os.path.join(path, "model.pt") if os.path.isdir(path) else path
+
+
 def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
     """The run's flags from its checkpoint, with the ones given again on the command line; and the checkpoint."""
-    path = os.path.join(resume, "model.pt") if os.path.isdir(resume) else resume
+    path = checkpoint_file(resume)
     ckpt = read_checkpoint(path)
     if "rng" not in ckpt:
         raise UserError(f"{path} was written before --resume existed: it can be evaluated, not resumed")
@@ -740,6 +745,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
 
 def evaluate(args: Args) -> None:
     """Run the deterministic policy of a saved model for `eval_episodes` episodes; train nothing."""
+    args = replace(args, eval_checkpoint=checkpoint_file(args.eval_checkpoint))
     render_offscreen(args.capture_video)
     check_args(args)
     device = select_device(args)

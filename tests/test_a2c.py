@@ -268,7 +268,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["obs_rms"]["mean"].shape == (obs_dim,) and ckpt["obs_rms"]["count"] > 4000
     assert ckpt["return_rms"]["var"].item() > 0
 
-    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
                    "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
     assert "eval: 2 episodes" in out.stdout

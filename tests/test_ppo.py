@@ -519,7 +519,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["script"] == "ppo.py" and ckpt["global_step"] == 2048
     assert ckpt["args"]["env_id"] == env_id
 
-    out = run_main(ppo, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+    out = run_main(ppo, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
                    "--eval-episodes", "3")
     assert out.returncode == 0, out.stderr
     assert "eval: 3 episodes" in out.stdout

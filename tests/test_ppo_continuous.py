@@ -298,7 +298,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["obs_rms"]["mean"].shape == (obs_dim,) and ckpt["obs_rms"]["count"] == pytest.approx(1024, abs=1)
     assert ckpt["return_rms"]["var"] > 0
 
-    out = run_main(pc, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+    out = run_main(pc, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
                    "--eval-episodes", "3")
     assert out.returncode == 0, out.stderr
     assert "eval: 3 episodes" in out.stdout

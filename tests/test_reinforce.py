@@ -269,7 +269,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["script"] == "reinforce.py" and ckpt["global_step"] >= 1500
 
-    out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run / "model.pt"),
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
                    "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
     assert "eval: 2 episodes" in out.stdout
