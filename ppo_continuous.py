@@ -945,6 +945,18 @@ def checkpoint_file(path: str) -> str:
     return os.path.join(path, "model.pt") if os.path.isdir(path) else path
 
 
+def trained_env(args: Args, argv: Optional[list[str]]) -> Args:
+    """`args` for --eval-checkpoint: without --env-id, the env the checkpoint was trained on. A second parse with
+    a marker default tells --env-id left unset from --env-id given as its default."""
+    if tyro.cli(Args, args=argv, default=replace(args, env_id="")).env_id:
+        return args
+    try:
+        trained = torch.load(checkpoint_file(args.eval_checkpoint), map_location="cpu", weights_only=True)["args"]
+        return replace(args, env_id=trained["env_id"])
+    except Exception:  # noqa: BLE001 (no file, a foreign one: load_checkpoint says what is wrong with it)
+        return args
+
+
 def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
     """The run's flags from its checkpoint, with the ones given again on the command line; and the checkpoint."""
     path = checkpoint_file(resume)
@@ -1328,7 +1340,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         if resume:
             train(*resumed_args(argv, resume))
         else:
-            evaluate(args) if args.eval_checkpoint else train(args)
+            evaluate(trained_env(args, argv)) if args.eval_checkpoint else train(args)
     except UserError as e:
         if speaks():  # under torchrun every rank has the same mistake (fail_together): one line, not N
             print(f"{SCRIPT}: error: {e}", file=sys.stderr)

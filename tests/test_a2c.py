@@ -268,10 +268,10 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["obs_rms"]["mean"].shape == (obs_dim,) and ckpt["obs_rms"]["count"] > 4000
     assert ckpt["return_rms"]["var"].item() > 0
 
-    out = run_main(a2c, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
-                   "--eval-episodes", "2")
+    # By the run's folder, with no --env-id: the checkpoint's env.
+    out = run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
-    assert "eval: 2 episodes" in out.stdout
+    assert f"eval: 2 episodes of {env_id}" in out.stdout
 
 
 def test_adam_and_mse_run(tmp_path, capsys):

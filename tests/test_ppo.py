@@ -519,10 +519,10 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["script"] == "ppo.py" and ckpt["global_step"] == 2048
     assert ckpt["args"]["env_id"] == env_id
 
-    out = run_main(ppo, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
-                   "--eval-episodes", "3")
+    # By the run's folder, with no --env-id: the checkpoint's env.
+    out = run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "3")
     assert out.returncode == 0, out.stderr
-    assert "eval: 3 episodes" in out.stdout
+    assert f"eval: 3 episodes of {env_id}" in out.stdout
     evals = [d for d in (tmp_path / "runs").iterdir() if "-eval__" in d.name]
     tags, _ = read_tags(evals[0])
     assert len(tags["eval/episodic_return"]) == 3

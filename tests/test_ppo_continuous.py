@@ -298,10 +298,10 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["obs_rms"]["mean"].shape == (obs_dim,) and ckpt["obs_rms"]["count"] == pytest.approx(1024, abs=1)
     assert ckpt["return_rms"]["var"] > 0
 
-    out = run_main(pc, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
-                   "--eval-episodes", "3")
+    # By the run's folder, with no --env-id: the checkpoint's env.
+    out = run_main(pc, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "3")
     assert out.returncode == 0, out.stderr
-    assert "eval: 3 episodes" in out.stdout
+    assert f"eval: 3 episodes of {env_id}" in out.stdout
     (evals,) = [d for d in (tmp_path / "runs").iterdir() if "-eval__" in d.name]
     assert len(read_tags(evals)[0]["eval/episodic_return"]) == 3
 

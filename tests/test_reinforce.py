@@ -269,10 +269,10 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["script"] == "reinforce.py" and ckpt["global_step"] >= 1500
 
-    out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, "--eval-checkpoint", str(run),  # the run's folder
-                   "--eval-episodes", "2")
+    # By the run's folder, with no --env-id: the checkpoint's env.
+    out = run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
-    assert "eval: 2 episodes" in out.stdout
+    assert f"eval: 2 episodes of {env_id}" in out.stdout
 
 
 def test_same_seed_same_returns(tmp_path):
