@@ -1144,8 +1144,8 @@ def trained_env(args: Args, argv: Optional[list[str]]) -> Args:
     if tyro.cli(Args, args=argv, default=replace(args, env_id="")).env_id:
         return args
     try:
-        trained = torch.load(checkpoint_file(args.eval_checkpoint), map_location="cpu", weights_only=True)["args"]
-        return replace(args, env_id=trained["env_id"])
+        ckpt = torch.load(checkpoint_file(args.eval_checkpoint), map_location="cpu", weights_only=True)
+        return replace(args, env_id=ckpt["args"]["env_id"]) if ckpt.get("script") == SCRIPT else args
     except Exception:  # noqa: BLE001 (no file, a foreign one: load_checkpoint says what is wrong with it)
         return args
 
@@ -1162,6 +1162,8 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
         if name not in RESUMABLE and value != getattr(saved, name):
             raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
                             f"{getattr(saved, name)!r}, given {value!r}")
+    if args.total_timesteps is None:  # given as None: unset, so the run's own
+        args = replace(args, total_timesteps=saved.total_timesteps)
     if args.total_timesteps < ckpt["global_step"]:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
                         "the run has taken: resume it with more")

@@ -140,7 +140,8 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     """The registered spec of `env_id`; `module:EnvId-v0` imports `module` first, as gym.make does."""
     module, _, name = env_id.rpartition(":")
     if name.startswith("ALE/") or "NoFrameskip" in name:  # not even looked up: this script does not load ale-py
-        raise UserError(f"{env_id} is an Atari game, learned from its frames by ppo.py and a2c.py; {SCRIPT} takes vector observations")
+        raise UserError(f"{env_id} is an Atari game, learned from its frames by ppo.py and a2c.py; "
+                        f"{SCRIPT} takes vector observations")
     if module:
         try:
             importlib.import_module(module)
@@ -487,8 +488,8 @@ def trained_env(args: Args, argv: Optional[list[str]]) -> Args:
     if tyro.cli(Args, args=argv, default=replace(args, env_id="")).env_id:
         return args
     try:
-        trained = torch.load(checkpoint_file(args.eval_checkpoint), map_location="cpu", weights_only=True)["args"]
-        return replace(args, env_id=trained["env_id"])
+        ckpt = torch.load(checkpoint_file(args.eval_checkpoint), map_location="cpu", weights_only=True)
+        return replace(args, env_id=ckpt["args"]["env_id"]) if ckpt.get("script") == SCRIPT else args
     except Exception:  # noqa: BLE001 (no file, a foreign one: load_checkpoint says what is wrong with it)
         return args
 

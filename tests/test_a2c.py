@@ -343,13 +343,19 @@ def test_torch_threads_spin_briefly_unless_the_user_chose_how_they_wait(preset, 
 
 def test_checkpoint_errors(tmp_path, capsys):
     foreign = tmp_path / "reinforce.pt"
-    torch.save({"script": "reinforce.py", "model": {}}, foreign)
+    torch.save({"script": "reinforce.py", "model": {}, "args": {"env_id": "NoSuchEnv-v0"}}, foreign)
     one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "a2c.py", "written by reinforce.py")
     out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(a2c, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "a2c.py", "trained on CartPole-v1", "--env-id CartPole-v1")
+    # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, tmp_path / "relabelled.pt")
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(tmp_path / "relabelled.pt"),
+                   "--eval-episodes", "1")
+    assert out.returncode == 0 and "eval: 1 episodes of CartPole-v1" in out.stdout, out.stderr
 
 
 def test_first_ctrl_c_is_a_request_and_the_second_interrupts(python_sigint):
@@ -947,6 +953,8 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     steps = torch.load(run / "model.pt", weights_only=True)["global_step"]
     one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps - 1)),
                    "a2c.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "None")  # unset: the run's own
+    assert out.returncode == 0, out.stderr
     one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "a2c.py",
                    "no checkpoint at")
     out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "8192")  # train longer: allowed
@@ -973,6 +981,10 @@ def test_the_status_line_shows_the_last_step_once(capsys):
     status.update(100, [1.0])
     status.update(100, [1.0], force=True)  # as training's end does, whether or not the last iteration showed it
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["50/100", "100/100"]
+    held = a2c.StatusLine(total=100, every=1e9)
+    held.update(100, [1.0])  # too soon after the start: not shown
+    held.update(100, [1.0], force=True)
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["100/100"]
 
 
 def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, capsys, monkeypatch):

@@ -589,7 +589,7 @@ def test_under_torchrun_only_rank_0_says_a_user_error_and_the_others_wait_to_be_
 
 def test_checkpoint_errors(tmp_path, capsys):
     foreign = tmp_path / "a2c.pt"
-    torch.save({"script": "a2c.py", "model": {}}, foreign)
+    torch.save({"script": "a2c.py", "model": {}, "args": {"env_id": "NoSuchEnv-v0"}}, foreign)
     one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "ppo.py", "written by a2c.py")
     garbage = tmp_path / "notes.pt"
     garbage.write_text("not a checkpoint")
@@ -600,6 +600,12 @@ def test_checkpoint_errors(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(ppo, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "ppo.py", "trained on CartPole-v1", "--env-id CartPole-v1")
+    # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, tmp_path / "relabelled.pt")
+    out = run_main(ppo, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(tmp_path / "relabelled.pt"),
+                   "--eval-episodes", "1")
+    assert out.returncode == 0 and "eval: 1 episodes of CartPole-v1" in out.stdout, out.stderr
 
 
 def test_capture_video_without_moviepy(tmp_path, capsys):
@@ -1101,6 +1107,8 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     steps = torch.load(run / "model.pt", weights_only=True)["global_step"]
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps - 1)),
                    "ppo.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
+    out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "None")  # unset: the run's own
+    assert out.returncode == 0, out.stderr
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "ppo.py",
                    "no checkpoint at")
     old = torch.load(run / "model.pt", weights_only=True)
@@ -1132,6 +1140,10 @@ def test_the_status_line_shows_the_last_step_once(capsys):
     status.update(100, [1.0])
     status.update(100, [1.0], force=True)  # as training's end does, whether or not the last iteration showed it
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["50/100", "100/100"]
+    held = ppo.StatusLine(total=100, every=1e9)
+    held.update(100, [1.0])  # too soon after the start: not shown
+    held.update(100, [1.0], force=True)
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["100/100"]
 
 
 def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, capsys, monkeypatch):

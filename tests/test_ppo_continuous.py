@@ -723,7 +723,7 @@ def test_under_torchrun_only_rank_0_says_a_user_error_and_the_others_wait_to_be_
 def test_checkpoint_errors(tmp_path, capsys):
     script = "ppo_continuous.py"
     foreign = tmp_path / "ppo.pt"
-    torch.save({"script": "ppo.py", "model": {}}, foreign)
+    torch.save({"script": "ppo.py", "model": {}, "args": {"env_id": "NoSuchEnv-v0"}}, foreign)
     one_line_error(run_main(pc, tmp_path, capsys, "--eval-checkpoint", str(foreign)), script, "written by ppo.py")
     garbage = tmp_path / "notes.pt"
     garbage.write_text("not a checkpoint")
@@ -739,6 +739,8 @@ def test_checkpoint_errors(tmp_path, capsys):
     model = str(run / "model.pt")
     one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "InvertedPendulum-v5", "--eval-checkpoint", model),
                    script, "trained on Pendulum-v1", "--env-id Pendulum-v1")
+    one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "HalfCheetah-v5", "--eval-checkpoint", model),
+                   script, "trained on Pendulum-v1")  # --env-id given as its default still wins
     ckpt = torch.load(model, weights_only=True)
     torch.save({**ckpt, "obs_rms": None}, tmp_path / "no_stats.pt")
     one_line_error(run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint",
@@ -1055,6 +1057,10 @@ def test_the_status_line_shows_the_last_step_once(capsys):
     status.update(100, [1.0])
     status.update(100, [1.0], force=True)  # as training's end does, whether or not the last iteration showed it
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["50/100", "100/100"]
+    held = pc.StatusLine(total=100, every=1e9)
+    held.update(100, [1.0])  # too soon after the start: not shown
+    held.update(100, [1.0], force=True)
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["100/100"]
 
 
 def test_a_checkpoint_from_before_resume_evaluates_and_cannot_be_resumed(tmp_path, capsys):

@@ -306,13 +306,19 @@ def test_a_user_error_from_the_command_line_has_no_traceback(tmp_path):
 
 def test_checkpoint_errors(tmp_path, capsys):
     foreign = tmp_path / "ppo.pt"
-    torch.save({"script": "ppo.py", "model": {}}, foreign)
+    torch.save({"script": "ppo.py", "model": {}, "args": {"env_id": "NoSuchEnv-v0"}}, foreign)
     one_line_error(run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(foreign)), "reinforce.py", "written by ppo.py")
     out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(reinforce, tmp_path, capsys, "--env-id", "Pendulum-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "reinforce.py", "trained on CartPole-v1", "--env-id CartPole-v1")
+    # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, tmp_path / "relabelled.pt")
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(tmp_path / "relabelled.pt"),
+                   "--eval-episodes", "1")
+    assert out.returncode == 0 and "eval: 1 episodes of CartPole-v1" in out.stdout, out.stderr
 
 
 def test_first_ctrl_c_is_a_request_and_the_second_interrupts(python_sigint):
@@ -646,6 +652,10 @@ def test_the_status_line_shows_the_last_step_once(capsys):
     status.update(100, [1.0])
     status.update(100, [1.0], force=True)  # as training's end does, whether or not the last iteration showed it
     assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["50/100", "100/100"]
+    held = reinforce.StatusLine(total=100, every=1e9)
+    held.update(100, [1.0])  # too soon after the start: not shown
+    held.update(100, [1.0], force=True)
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()] == ["100/100"]
 
 
 def test_what_was_logged_after_the_checkpoint_is_dropped_on_resume(tmp_path, capsys, monkeypatch):
