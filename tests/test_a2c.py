@@ -352,8 +352,9 @@ def test_checkpoint_errors(tmp_path, capsys):
                             str(run / "model.pt")), "a2c.py", "trained on CartPole-v1", "--env-id CartPole-v1")
     # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
     ckpt = torch.load(run / "model.pt", weights_only=True)
-    torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, tmp_path / "relabelled.pt")
-    out = run_main(a2c, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(tmp_path / "relabelled.pt"),
+    relabelled = tmp_path / "relabelled.pt"
+    torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, relabelled)
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(relabelled),
                    "--eval-episodes", "1")
     assert out.returncode == 0 and "eval: 1 episodes of CartPole-v1" in out.stdout, out.stderr
 

@@ -671,7 +671,8 @@ def test_same_seed_same_returns(tmp_path):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
-    (["--env-id", "ALE/Breakout-v5"], ["ALE/Breakout-v5 is an Atari game", "ppo.py and a2c.py", "ppo_continuous.py takes Box actions"]),
+    (["--env-id", "ALE/Breakout-v5"],
+     ["ALE/Breakout-v5 is an Atari game", "ppo.py and a2c.py", "ppo_continuous.py takes Box actions"]),
     (["--env-id", "ale_py:PongNoFrameskip-v4"], ["ale_py:PongNoFrameskip-v4 is an Atari game"]),
     (["--env-id", "CartPole-v1"], ["Discrete", "ppo.py"]),
     (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], ["does not divide", "15"]),

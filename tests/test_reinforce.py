@@ -283,7 +283,8 @@ def test_same_seed_same_returns(tmp_path):
 
 @pytest.mark.parametrize("argv, fragments", [
     (["--env-id", "NoSuchEnv-v0"], ["unknown env id", "NoSuchEnv-v0"]),
-    (["--env-id", "ALE/Breakout-v5"], ["ALE/Breakout-v5 is an Atari game", "ppo.py and a2c.py", "reinforce.py takes vector observations"]),
+    (["--env-id", "ALE/Breakout-v5"],
+     ["ALE/Breakout-v5 is an Atari game", "ppo.py and a2c.py", "reinforce.py takes vector observations"]),
     (["--env-id", "ale_py:PongNoFrameskip-v4"], ["ale_py:PongNoFrameskip-v4 is an Atari game"]),
     (["--num-envs", "4", "--episodes-per-update", "6"], ["not a multiple of --num-envs 4"]),
     (["--num-envs", "0"], ["--num-envs must be positive"]),
@@ -315,8 +316,9 @@ def test_checkpoint_errors(tmp_path, capsys):
                             str(run / "model.pt")), "reinforce.py", "trained on CartPole-v1", "--env-id CartPole-v1")
     # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
     ckpt = torch.load(run / "model.pt", weights_only=True)
-    torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, tmp_path / "relabelled.pt")
-    out = run_main(reinforce, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(tmp_path / "relabelled.pt"),
+    relabelled = tmp_path / "relabelled.pt"
+    torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, relabelled)
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(relabelled),
                    "--eval-episodes", "1")
     assert out.returncode == 0 and "eval: 1 episodes of CartPole-v1" in out.stdout, out.stderr
 
