@@ -54,20 +54,31 @@ def toy_env_module(folder, name):
     return f"{name}:{env_id}"
 
 
-def run_twice(script, cwd, *argv, timeout=240):
-    """The same command line twice at once, in cwd/0 and cwd/1 (one core each); each run's episodic returns."""
-    procs = []
-    for i in range(2):
-        os.makedirs(Path(cwd) / str(i), exist_ok=True)
-        procs.append(subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=Path(cwd) / str(i),
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    returns = []
-    for i, proc in enumerate(procs):
+def run_twice(module, script, cwd, capsys, *argv, timeout=240):
+    """The same command line twice at once: in a fresh process (in cwd/0) and in this one (in cwd/1), one
+    core each. Each run's episodic returns. The two differ where a fresh process can hide a missing seed:
+    this one's hash seed differs, and its global state (torch's and numpy's generators, what earlier tests
+    left) is not a fresh process's."""
+    os.makedirs(Path(cwd) / "0", exist_ok=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=Path(cwd) / "0",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        here = run_main(module, Path(cwd) / "1", capsys, *argv)
+    finally:
         _, stderr = proc.communicate(timeout=timeout)
-        assert proc.returncode == 0, stderr
+    assert proc.returncode == 0, stderr
+    assert here.returncode == 0, here.stderr
+    returns = []
+    for i in range(2):
         (run,) = (Path(cwd) / str(i) / "runs").iterdir()
         returns.append(read_tags(run)[0]["charts/episodic_return"])
     return returns
+
+
+def after_this_second():
+    """Sleep into the next second. A SummaryWriter's file is named by the second it was made in, then by the
+    process id: two runs' files in one folder within a second would be read in the order of their pids."""
+    time.sleep(1 - time.time() % 1)
 
 
 def interrupt_script(script, cwd, *argv, timeout=120, signums=(signal.SIGINT, signal.SIGTERM)):

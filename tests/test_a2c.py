@@ -21,7 +21,7 @@ from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interr
                       join_gloo, make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps,
                       read_tags, run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank,
                       collectives_then_training, free_port, toy_env_module, wandb_records,
-                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank)
+                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second)
 
 
 def cols(rows, dtype=np.float32):
@@ -279,8 +279,8 @@ def test_adam_and_mse_run(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
 
 
-def test_same_seed_same_returns(tmp_path):
-    returns = run_twice("a2c.py", tmp_path, *SMALL, "--seed", "5")
+def test_same_seed_same_returns(tmp_path, capsys):
+    returns = run_twice(a2c, "a2c.py", tmp_path, capsys, *SMALL, "--seed", "5")
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
 
@@ -321,10 +321,11 @@ def test_under_torchrun_only_rank_0_says_a_user_error_and_the_others_wait_to_be_
 
 SEE_TORCH_LOAD = """
 import os, sys
-class SeeTorchLoad:  # an import hook that only looks: what torch's OpenMP runtime will read when it loads
+class SeeTorchLoad:  # an import hook that looks, then stops: what torch's OpenMP runtime would read as it loads
     def find_spec(self, name, path, target=None):
         if name == "torch":
-            print("GOMP_SPINCOUNT when torch loads:", os.environ.get("GOMP_SPINCOUNT"))
+            print("GOMP_SPINCOUNT when torch loads:", os.environ.get("GOMP_SPINCOUNT"), flush=True)
+            os._exit(0)  # all there is to see: loading torch would take seconds
 sys.meta_path.insert(0, SeeTorchLoad())
 import a2c
 """
@@ -778,23 +779,21 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
                            "--total-timesteps", "200", "--save-model")
     assert {"losses/policy_loss", "charts/SPS"} <= set(tags)
     assert run.name.startswith("PongNoFrameskip-v4__a2c__1__")
+    film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # the game on film, as the agent saw it
     out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
-                   str(run / "model.pt"), "--eval-episodes", "1")
+                   str(run / "model.pt"), "--eval-episodes", "1", *film)
     assert out.returncode == 0, out.stderr
     score = float(out.stdout.split("eval: 1 episodes of PongNoFrameskip-v4: return ")[1].split()[0])
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
+    if film:
+        (video,) = (tmp_path / "videos").glob("PongNoFrameskip-v4__a2c-eval__1__*/eval-0.mp4")
+        assert video.stat().st_size > 10_000
     out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "400")  # and it goes on
     assert out.returncode == 0, out.stderr
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["global_step"] == 400
     assert float(ckpt["optimizer"]["state"][0]["step"]) == 40  # from where it left off, not from scratch
     assert read_steps(run, "charts/SPS") == [200, 400]  # each step logged once
-    if importlib.util.find_spec("moviepy") is not None:  # the game on film, as the agent saw it
-        out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
-                       str(run / "model.pt"), "--eval-episodes", "1", "--capture-video")
-        assert out.returncode == 0, out.stderr
-        (video,) = (tmp_path / "videos").glob("PongNoFrameskip-v4__a2c-eval__1__*/eval-0.mp4")
-        assert video.stat().st_size > 10_000
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
@@ -900,7 +899,7 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
-def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path, capsys):
     # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at
     # --total-timesteps, and TensorBoard has each logged step once, in order.
     argv = ["--num-envs", "4", "--total-timesteps", "10240", "--save-model", "--checkpoint-every", "0"]
@@ -915,9 +914,12 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 0 < killed_at < 10240
 
-    out = run_script("a2c.py", tmp_path, "--resume", str(checkpoint.parent))
+    after_this_second()  # its logs are read after the killed run's
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(checkpoint.parent))
     assert out.returncode == 0, out.stderr
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 10240
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["global_step"] == 10240
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == 160  # the run's 160 updates: resumed, not started over
     steps = read_steps(checkpoint.parent, "losses/policy_loss")  # every 100th update (of 64 steps) and the last
     assert steps == sorted(set(steps)) and steps[-1] == 10240
     episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")

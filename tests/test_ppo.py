@@ -23,7 +23,7 @@ from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interr
                       join_gloo, make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags,
                       run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank, collectives_then_training,
                       free_port, toy_env_module, wandb_records,
-                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank)
+                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
 
@@ -528,8 +528,8 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert len(tags["eval/episodic_return"]) == 3
 
 
-def test_same_seed_same_returns(tmp_path):
-    returns = run_twice("ppo.py", tmp_path, *SMALL, "--seed", "7")
+def test_same_seed_same_returns(tmp_path, capsys):
+    returns = run_twice(ppo, "ppo.py", tmp_path, capsys, *SMALL, "--seed", "7")
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
 
@@ -862,23 +862,21 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     assert {"losses/policy_loss", "charts/SPS"} <= set(tags)
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("PongNoFrameskip-v4__ppo__1__")
+    film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # the game on film, as the agent saw it
     out = run_main(ppo, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
-                   str(run / "model.pt"), "--eval-episodes", "1")
+                   str(run / "model.pt"), "--eval-episodes", "1", *film)
     assert out.returncode == 0, out.stderr
     score = float(out.stdout.split("eval: 1 episodes of PongNoFrameskip-v4: return ")[1].split()[0])
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
+    if film:
+        (video,) = (tmp_path / "videos").glob("PongNoFrameskip-v4__ppo-eval__1__*/eval-0.mp4")
+        assert video.stat().st_size > 10_000
     out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "512")  # and it goes on
     assert out.returncode == 0, out.stderr
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["global_step"] == 512
     assert float(ckpt["optimizer"]["state"][0]["step"]) == 64  # from where it left off, not from scratch
     assert read_steps(run, "charts/SPS") == [128, 256, 384, 512]  # each step logged once
-    if importlib.util.find_spec("moviepy") is not None:  # the game on film, as the agent saw it
-        out = run_main(ppo, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
-                       str(run / "model.pt"), "--eval-episodes", "1", "--capture-video")
-        assert out.returncode == 0, out.stderr
-        (video,) = (tmp_path / "videos").glob("PongNoFrameskip-v4__ppo-eval__1__*/eval-0.mp4")
-        assert video.stat().st_size > 10_000
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
@@ -1057,7 +1055,7 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
-def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path, capsys):
     # Killed with SIGKILL (no chance to save) after its first periodic checkpoint, then resumed:
     # it ends at --total-timesteps, and TensorBoard has each iteration's step once, in order.
     argv = ["--num-envs", "4", "--num-steps", "128", "--num-minibatches", "2", "--update-epochs", "1",
@@ -1073,9 +1071,12 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 0 < killed_at < 10240
 
-    out = run_script("ppo.py", tmp_path, "--resume", str(checkpoint.parent))
+    after_this_second()  # its logs are read after the killed run's
+    out = run_main(ppo, tmp_path, capsys, "--resume", str(checkpoint.parent))
     assert out.returncode == 0, out.stderr
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 10240
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["global_step"] == 10240
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == 40  # 20 iterations x 2 minibatches: not started over
     steps = read_steps(checkpoint.parent, "losses/policy_loss")
     assert steps == list(range(512, 10241, 512))  # each iteration once, in order
     episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")

@@ -25,7 +25,7 @@ from conftest import (ROOT, slow_rank_0_save_as_rank, ranks_played_alike, run_tw
                       start_alike_as_rank, join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps,
                       read_tags, run_main, run_ranks, run_script, stop_one_rank, collectives_then_training,
                       wandb_records,
-                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank)
+                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
 LN2 = 0.6931471805599453
@@ -662,9 +662,9 @@ def test_anneal_lr_falls_linearly_to_zero(tmp_path, capsys):
                                [3e-4] * 8, rtol=1e-6)
 
 
-def test_same_seed_same_returns(tmp_path):
-    returns = run_twice("ppo_continuous.py", tmp_path, "--env-id", "Pendulum-v1", *SMALL, "--total-timesteps", "2048",
-                        "--seed", "7")
+def test_same_seed_same_returns(tmp_path, capsys):
+    returns = run_twice(pc, "ppo_continuous.py", tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL,
+                        "--total-timesteps", "2048", "--seed", "7")
     assert len(returns[0]) >= 8
     assert returns[0] == returns[1]
 
@@ -984,7 +984,7 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
-def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path, capsys):
     # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at
     # --total-timesteps, and TensorBoard has each iteration's step once, in order.
     argv = ["--env-id", "Pendulum-v1", "--num-envs", "2", "--num-steps", "256", "--num-minibatches", "4",
@@ -1000,9 +1000,12 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 0 < killed_at < 10240
 
-    out = run_script("ppo_continuous.py", tmp_path, "--resume", str(checkpoint.parent))
+    after_this_second()  # its logs are read after the killed run's
+    out = run_main(pc, tmp_path, capsys, "--resume", str(checkpoint.parent))
     assert out.returncode == 0, out.stderr
-    assert torch.load(checkpoint, weights_only=True)["global_step"] == 10240
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["global_step"] == 10240
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == 160  # 20 iterations x 2 epochs x 4 minibatches: resumed
     assert read_steps(checkpoint.parent, "losses/policy_loss") == list(range(512, 10241, 512))
 
 

@@ -18,7 +18,7 @@ from gymnasium.vector import AutoresetMode
 
 import reinforce
 from conftest import (ROOT, run_twice, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
-                      run_main, run_script, toy_env_module, wandb_records)
+                      run_main, run_script, toy_env_module, wandb_records, after_this_second)
 
 
 def cols(rows, dtype=np.float32):
@@ -275,8 +275,8 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert f"eval: 2 episodes of {env_id}" in out.stdout
 
 
-def test_same_seed_same_returns(tmp_path):
-    returns = run_twice("reinforce.py", tmp_path, *SMALL, "--seed", "3")
+def test_same_seed_same_returns(tmp_path, capsys):
+    returns = run_twice(reinforce, "reinforce.py", tmp_path, capsys, *SMALL, "--seed", "3")
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
 
@@ -583,7 +583,7 @@ def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(tmp_path, monkey
     assert torch.load(path, weights_only=True)["global_step"] == 1
 
 
-def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
+def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path, capsys):
     # Killed with SIGKILL after its first periodic checkpoint, then resumed: it ends at (about)
     # --total-timesteps, and TensorBoard has each update's step once, in order.
     argv = ["--num-envs", "4", "--episodes-per-update", "4", "--total-timesteps", "15000", "--save-model",
@@ -599,11 +599,14 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path):
     killed_at = torch.load(checkpoint, weights_only=True)["global_step"]
     assert 0 < killed_at < 12000
 
-    out = run_script("reinforce.py", tmp_path, "--resume", str(checkpoint.parent))
+    after_this_second()  # its logs are read after the killed run's
+    out = run_main(reinforce, tmp_path, capsys, "--resume", str(checkpoint.parent))
     assert out.returncode == 0, out.stderr
-    assert torch.load(checkpoint, weights_only=True)["global_step"] > 12000  # the last batch may not fit
+    ckpt = torch.load(checkpoint, weights_only=True)
+    assert ckpt["global_step"] > 12000  # the last batch may not fit
     steps = read_steps(checkpoint.parent, "losses/policy_loss")
     assert steps == sorted(set(steps)) and steps[0] <= killed_at < steps[-1]
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == len(steps)  # an update each logged step: not started over
     episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")
     assert episode_steps == sorted(episode_steps)
 
