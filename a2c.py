@@ -34,7 +34,7 @@ import time
 import traceback
 import warnings
 from collections import deque
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, Optional
 
 # Read once, when torch loads its OpenMP runtime (libgomp): after each operation torch's threads busy-wait
@@ -220,6 +220,22 @@ def check_args(args: Args) -> None:
 # Environments
 # ---------------------------------------------------------------------------------------------
 
+ATARI_ONLY = tuple(field.name for field in fields(Args) if field.name.startswith("atari_"))
+FRAMES_ONLY = ("cnn_precision",)
+
+
+def check_flags_apply(args: Args, frames: bool) -> None:
+    """An --atari-* flag for an env that is no Atari game, or --cnn-precision for vector observations, would do
+    nothing: one line, not silence. (A flag given as its default cannot be told from one left unset.)"""
+    atari = frames and is_atari(env_spec(args.env_id))
+    for names, applies, why_not in ((ATARI_ONLY, atari, "Atari ids only, and {} is not one"),
+                                    (FRAMES_ONLY, frames, "image observations only, and {}'s are vectors")):
+        given = [f"--{'no-' * (getattr(args, name) is False)}{name.replace('_', '-')}" for name in names
+                 if getattr(args, name) != getattr(Args, name)]
+        if given and not applies:
+            raise UserError(f"{', '.join(given)}: for {why_not.format(args.env_id)}")
+
+
 def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     """The registered spec of `env_id`; `module:EnvId-v0` imports `module` first, as gym.make does."""
     module, _, name = env_id.rpartition(":")
@@ -332,6 +348,13 @@ def make_envs(args: Args, num_envs: int, run_name: str = "", record_every_env: b
     return gym.wrappers.vector.RecordEpisodeStatistics(envs, buffer_length=100)
 
 
+def sticky_actions(args: Args, spec: gym.envs.registration.EnvSpec) -> float:
+    """The probability an Atari game repeats the previous action instead of the one taken: --atari-sticky-actions,
+    or the id's (v5: 0.25, NoFrameskip-v4: 0)."""
+    given = args.atari_sticky_actions
+    return spec.kwargs.get("repeat_action_probability", 0.0) if given is None else given
+
+
 def make_atari_envs(args: Args, spec: gym.envs.registration.EnvSpec, num_envs: int) -> gym.vector.VectorEnv:
     """ale-py's vector env (C++ threads) with the standard preprocessing, as the learner sees it.
 
@@ -341,10 +364,8 @@ def make_atari_envs(args: Args, spec: gym.envs.registration.EnvSpec, num_envs: i
     unclipped and games end only at game over, so the logged return is the game's score;
     `AtariLearnerView` then clips rewards and ends the learner's episode at each lost life.
     """
-    sticky = args.atari_sticky_actions
     envs = ale_py.vector_env.AtariVectorEnv(
-        spec.kwargs["game"], num_envs,
-        repeat_action_probability=spec.kwargs.get("repeat_action_probability", 0.0) if sticky is None else sticky,
+        spec.kwargs["game"], num_envs, repeat_action_probability=sticky_actions(args, spec),
         max_num_frames_per_episode=spec.kwargs.get("max_num_frames_per_episode", 108_000),
         frameskip=args.atari_frame_skip, stack_num=args.atari_frame_stack, noop_max=args.atari_noop_max,
         use_fire_reset=args.atari_fire_reset, reward_clipping=False, episodic_life=False)
@@ -616,6 +637,21 @@ def use_bf16(precision: str, frames: bool, device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     native = [getattr(torch.cpu, name, lambda: False)() for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
     return any(native)
+
+
+def as_used(args: Args, frames: bool, device: torch.device) -> dict:
+    """The flags as logged (TensorBoard's hyperparameters, W&B's config), with what the run used where a flag
+    leaves the choice to the env or the machine. The checkpoint keeps them as given: evaluated elsewhere, a
+    model's --cnn-precision auto is that machine's, its unset sticky actions the id's it is evaluated on."""
+    used = asdict(args)
+    if frames:
+        used["cnn_precision"] = "bfloat16" if use_bf16(args.cnn_precision, frames, device) else "float32"
+    if frames:  # never normalised: the network scales frames to [0, 1], Atari clips rewards
+        used["norm_obs"] = used["norm_reward"] = False
+    spec = env_spec(args.env_id)
+    if is_atari(spec):
+        used["atari_sticky_actions"] = sticky_actions(args, spec)
+    return used
 
 
 def sample_categorical(logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -1291,7 +1327,7 @@ def make_run_dir(run_name: str, capture_video: bool) -> str:
 ENDINGS = {0: "end of training", 1: "the last finite weights", 130: "Ctrl-C", 143: "SIGTERM", None: "crashed"}
 
 
-def start_tracking(args: Args, run_dir: str):
+def start_tracking(args: Args, run_dir: str, config: dict):
     """A Weights & Biases run (--track), started before the SummaryWriter: patched, it sends W&B each scalar
     it writes (reading the event files back instead, sync_tensorboard=True, costs ~10 s at the end). The
     run's name is its id, so a resumed run goes on in the same W&B run."""
@@ -1300,7 +1336,7 @@ def start_tracking(args: Args, run_dir: str):
     run_name = os.path.basename(run_dir)
     try:
         return wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_name, id=run_name,
-                          resume="allow", config=asdict(args), save_code=True)
+                          resume="allow", config=config, save_code=True)
     except Exception as e:  # noqa: BLE001 (no API key, a bad WANDB_MODE, no network: W&B's own exceptions)
         raise UserError(f"--track: Weights & Biases could not start a run ({str(e).strip().splitlines()[0]}); "
                         "log in with `wandb login`, or set WANDB_MODE=offline") from None
@@ -1353,6 +1389,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
+    check_flags_apply(args, frames)
     device = select_device(args)
     ranks = join_ranks(device)
     run_name = f"{folder_name(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -1365,7 +1402,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             run_dir = make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
         episode_stats = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs,
                                   run_name)
-        tracker = start_tracking(args, run_dir) if args.track and ranks.rank == 0 else None
+        tracker = start_tracking(args, run_dir, as_used(args, frames, device)) if args.track and ranks.rank == 0 else None
 
     envs, obs_norm, reward_norm = add_normalization(episode_stats, args.norm_obs and not frames,
                                                     args.norm_reward and not frames, args.gamma)
@@ -1397,7 +1434,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
     note_run_dir(run_dir, ranks)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+                    "\n".join(f"|{k}|{v}|" for k, v in as_used(args, frames, device).items()))
 
     batch_size = args.num_envs * args.num_steps  # this rank's; an update takes every rank's
     num_updates = args.total_timesteps // (batch_size * ranks.size)
@@ -1488,6 +1525,7 @@ def evaluate(args: Args) -> None:
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
+    check_flags_apply(args, frames)
     args = as_trained(args)
     device = select_device(args)
     seed_everything(args, frames)
@@ -1526,7 +1564,7 @@ def evaluate(args: Args) -> None:
     if args.capture_video:
         print(f"eval: videos in videos/{run_name}/")
     run_dir = make_run_dir(run_name, False)  # an unwritable folder costs the log, not the result printed above
-    tracker = start_tracking(args, run_dir) if args.track else None
+    tracker = start_tracking(args, run_dir, as_used(args, frames, device)) if args.track else None
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(run_dir)
     for i, r in enumerate(returns):

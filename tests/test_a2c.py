@@ -1,6 +1,7 @@
 """Tests of a2c.py: n-step returns and each loss term against numbers worked out by hand, the
 signs of the combined loss, the rollout's episode boundaries, and the script end to end."""
 
+from dataclasses import asdict
 import importlib.util
 import os
 import signal
@@ -304,6 +305,11 @@ def test_same_seed_same_returns(tmp_path, capsys):
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 16"]),
     (["--env-id", "CarRacing-v3"], ["CarRacing-v3 has observation space", "(96, 96, 3)"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    # A flag for frames or Atari, given where it would do nothing (ImageBandit-v0: frames, but no Atari game).
+    (["--atari-frame-skip", "2"], ["--atari-frame-skip: for Atari ids only, and CartPole-v1 is not one"]),
+    (["--env-id", "ImageBandit-v0", "--no-atari-fire-reset", "--atari-sticky-actions", "0"],
+     ["--no-atari-fire-reset, --atari-sticky-actions: for Atari ids only, and ImageBandit-v0 is not one"]),
+    (["--cnn-precision", "float32"], ["--cnn-precision: for image observations only, and CartPole-v1's are vectors"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(a2c, tmp_path, capsys, *argv), "a2c.py", *fragments)
@@ -351,6 +357,8 @@ def test_checkpoint_errors(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(a2c, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "a2c.py", "trained on CartPole-v1", "--env-id CartPole-v1")
+    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-noop-max", "3"), "a2c.py",
+                   "--atari-noop-max: for Atari ids only, and CartPole-v1 is not one")  # evaluating too
     # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
     ckpt = torch.load(run / "model.pt", weights_only=True)
     relabelled = tmp_path / "relabelled.pt"
@@ -761,6 +769,23 @@ def test_cnn_precision(monkeypatch):
     assert a2c.use_bf16("bfloat16", True, cpu) and not a2c.use_bf16("float32", True, cpu)
 
 
+@pytest.mark.skipif(a2c.ale_py is None, reason="needs ale-py")
+def test_the_logged_flags_are_the_ones_used(monkeypatch):
+    # What a flag leaves to the env or the machine is logged as what the run used, not as unset or "auto".
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    used = a2c.as_used(a2c.Args(env_id="ALE/Breakout-v5"), True, cpu)
+    assert used["atari_sticky_actions"] == 0.25 and used["cnn_precision"] == "bfloat16"  # v5's; this CPU's
+    assert not used["norm_obs"] and not used["norm_reward"]  # frames never are: the network scales them
+    used = a2c.as_used(a2c.Args(env_id="BreakoutNoFrameskip-v4"), True, cpu)
+    assert used["atari_sticky_actions"] == 0.0
+    given = a2c.Args(env_id="ALE/Breakout-v5", atari_sticky_actions=0.1, cnn_precision="float32")
+    used = a2c.as_used(given, True, cpu)
+    assert used["atari_sticky_actions"] == 0.1 and used["cnn_precision"] == "float32"
+    assert a2c.as_used(a2c.Args(), False, cpu) == asdict(a2c.Args())  # vectors: every flag as given
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 def test_learns_a_bandit_from_frames(tmp_path, capsys, precision):
     # The frame defaults but the bandit's horizon of one step.
@@ -779,6 +804,9 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
                            "--total-timesteps", "200", "--save-model")
     assert {"losses/policy_loss", "charts/SPS"} <= set(tags)
     assert run.name.startswith("PongNoFrameskip-v4__a2c__1__")
+    logged = read_tags(run)[1]["hyperparameters/text_summary"]  # the flags as used: the id's sticky actions
+    assert "|atari_sticky_actions|0.0|" in logged and "|cnn_precision|auto|" not in logged
+    assert "|norm_obs|False|" in logged
     film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # the game on film, as the agent saw it
     out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
                    str(run / "model.pt"), "--eval-episodes", "1", *film)

@@ -2,6 +2,7 @@
 boundaries in both autoreset modes, and the script end to end (smoke, errors, seeds)."""
 
 import copy
+from dataclasses import asdict
 import importlib.util
 import math
 import os
@@ -559,6 +560,11 @@ def test_same_seed_same_returns(tmp_path, capsys):
     (["--kl-beta", "-1"], ["--kl-beta must be 0 or more"]),
     (["--kl-dtarg", "0"], ["--kl-dtarg positive"]),
     (["--clip-coef", "None", "--clip-vloss"], ["--clip-vloss clips by --clip-coef"]),
+    # A flag for frames or Atari, given where it would do nothing (ImageBandit-v0: frames, but no Atari game).
+    (["--atari-frame-skip", "2"], ["--atari-frame-skip: for Atari ids only, and CartPole-v1 is not one"]),
+    (["--env-id", "ImageBandit-v0", "--no-atari-fire-reset", "--atari-sticky-actions", "0"],
+     ["--no-atari-fire-reset, --atari-sticky-actions: for Atari ids only, and ImageBandit-v0 is not one"]),
+    (["--cnn-precision", "float32"], ["--cnn-precision: for image observations only, and CartPole-v1's are vectors"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(ppo, tmp_path, capsys, *argv), "ppo.py", *fragments)
@@ -600,6 +606,8 @@ def test_checkpoint_errors(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(ppo, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "ppo.py", "trained on CartPole-v1", "--env-id CartPole-v1")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-noop-max", "3"), "ppo.py",
+                   "--atari-noop-max: for Atari ids only, and CartPole-v1 is not one")  # evaluating too
     # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
     ckpt = torch.load(run / "model.pt", weights_only=True)
     relabelled = tmp_path / "relabelled.pt"
@@ -833,6 +841,22 @@ def test_cnn_precision(monkeypatch):
     assert ppo.use_bf16("bfloat16", True, cpu) and not ppo.use_bf16("float32", True, cpu)
 
 
+@pytest.mark.skipif(ppo.ale_py is None, reason="needs ale-py")
+def test_the_logged_flags_are_the_ones_used(monkeypatch):
+    # What a flag leaves to the env or the machine is logged as what the run used, not as unset or "auto".
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
+    used = ppo.as_used(ppo.Args(env_id="ALE/Breakout-v5"), True, cpu)
+    assert used["atari_sticky_actions"] == 0.25 and used["cnn_precision"] == "bfloat16"  # v5's; this CPU's
+    used = ppo.as_used(ppo.Args(env_id="BreakoutNoFrameskip-v4"), True, cpu)
+    assert used["atari_sticky_actions"] == 0.0
+    given = ppo.Args(env_id="ALE/Breakout-v5", atari_sticky_actions=0.1, cnn_precision="float32")
+    used = ppo.as_used(given, True, cpu)
+    assert used["atari_sticky_actions"] == 0.1 and used["cnn_precision"] == "float32"
+    assert ppo.as_used(ppo.Args(), False, cpu) == asdict(ppo.Args())  # vectors: every flag as given
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 def test_learns_a_bandit_from_frames(tmp_path, capsys, precision):
     # The frame defaults (lr 2.5e-4, clip 0.1) but a small batch, so it learns in seconds.
@@ -862,6 +886,8 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     assert {"losses/policy_loss", "charts/SPS"} <= set(tags)
     (run,) = (tmp_path / "runs").iterdir()
     assert run.name.startswith("PongNoFrameskip-v4__ppo__1__")
+    logged = read_tags(run)[1]["hyperparameters/text_summary"]  # the flags as used: the id's sticky actions
+    assert "|atari_sticky_actions|0.0|" in logged and "|cnn_precision|auto|" not in logged
     film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # the game on film, as the agent saw it
     out = run_main(ppo, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
                    str(run / "model.pt"), "--eval-episodes", "1", *film)
