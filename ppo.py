@@ -204,8 +204,6 @@ def check_args(args: Args) -> None:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size}"
                         + (f" x {world_size} ranks" if world_size > 1 else "") + ")")
     if looks_atari(args.env_id):  # ale-py's vector env
-        if args.capture_video and not args.eval_checkpoint:
-            raise UserError(f"--capture-video records Atari ids ({args.env_id}) only with --eval-checkpoint")
         if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
             raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:
@@ -310,7 +308,7 @@ def make_envs(args: Args, num_envs: int, run_name: str = "", record_every_env: b
     spec = env_spec(env_id)
     if is_atari(spec):
         envs = make_atari_envs(args, spec, num_envs)
-        return RecordGames(envs, f"videos/{run_name}") if capture_video else envs
+        return RecordGames(envs, f"videos/{run_name}", record_every_env) if capture_video else envs
     if capture_video:  # rendering needs a package of its own (pygame), or OpenGL (MuJoCo)
         try:
             probe = gym.make(env_id, render_mode="rgb_array")
@@ -405,19 +403,38 @@ class AtariLearnerView(gym.vector.VectorWrapper):
         return obs, rewards, terminations, truncations, info
 
 
-class RecordGames(gym.vector.VectorWrapper):
-    """Evaluation's videos of an Atari game, `FOLDER/eval-I.mp4`: env I's first game as the agent sees it,
-    the newest 84x84 frame of each observation, twice the size. (ale-py's vector env renders nothing.)"""
+def filmed_game(n: int) -> bool:
+    """Whether training films game n (from 0) of env 0: RecordVideo's schedule, the cubes below 1000, then every 1000th."""
+    return round(n ** (1 / 3)) ** 3 == n if n < 1000 else n % 1000 == 0
 
-    def __init__(self, envs: gym.vector.VectorEnv, folder: str, fps: int = 15):  # 60 Hz / frame skip 4
+
+class RecordGames(gym.vector.VectorWrapper):
+    """Videos of Atari games as the agent sees them, the newest 84x84 frame of each observation shown twice
+    the size (ale-py's vector env renders nothing). Evaluating (`every_env`): each env's first game,
+    `FOLDER/eval-I.mp4`. Training: env 0's games on RecordVideo's schedule (game 0, 1, 8, 27, ..., 729, 1000,
+    then every 1000th), `FOLDER/rl-video-episode-N.mp4`. A video is written when its game ends."""
+
+    def __init__(self, envs: gym.vector.VectorEnv, folder: str, every_env: bool, fps: int = 15):  # 60 Hz / skip 4
         super().__init__(envs)
-        self.folder, self.fps = folder, fps
+        self.folder, self.every_env, self.fps = folder, every_env, fps
         self.games = [[] for _ in range(envs.num_envs)]
-        self.filming = np.ones(envs.num_envs, bool)
+        self.filming = np.full(envs.num_envs, every_env)
+        self.filming[0] = True
+        self.env_0_games = 0
 
     def film(self, obs: np.ndarray) -> None:
         for i in np.flatnonzero(self.filming):
-            self.games[i].append(np.repeat(np.repeat(obs[i, -1], 2, 0), 2, 1))
+            self.games[i].append(obs[i, -1].copy())
+
+    def write(self, i: int, name: str) -> None:
+        from moviepy import VideoClip
+        game, self.games[i] = self.games[i], []
+        def frame(t):  # made as the video is encoded: a long game's frames, enlarged, would fill the memory
+            grey = game[min(round(t * self.fps), len(game) - 1)]
+            return np.repeat(np.repeat(grey, 2, 0), 2, 1)[..., None].repeat(3, -1)
+        os.makedirs(self.folder, exist_ok=True)
+        VideoClip(frame, duration=len(game) / self.fps).write_videofile(f"{self.folder}/{name}.mp4", fps=self.fps,
+                                                                        logger=None)
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -427,12 +444,13 @@ class RecordGames(gym.vector.VectorWrapper):
     def step(self, actions):
         obs, rewards, terminations, truncations, info = self.env.step(actions)
         self.film(obs)
-        for i in np.flatnonzero(self.filming & info.get("_episode", np.zeros(self.num_envs, bool))):  # game over
-            from moviepy import ImageSequenceClip
-            os.makedirs(self.folder, exist_ok=True)
-            grey = np.stack(self.games[i])[..., None].repeat(3, -1)
-            ImageSequenceClip(list(grey), fps=self.fps).write_videofile(f"{self.folder}/eval-{i}.mp4", logger=None)
-            self.filming[i], self.games[i] = False, []
+        game_over = info.get("_episode", np.zeros(self.num_envs, bool))
+        for i in np.flatnonzero(self.filming & game_over):
+            self.write(i, f"eval-{i}" if self.every_env else f"rl-video-episode-{self.env_0_games}")
+            self.filming[i] = False
+        if not self.every_env and game_over[0]:  # the next game's first frame comes with the next (reset) step
+            self.env_0_games += 1
+            self.filming[0] = filmed_game(self.env_0_games)
         return obs, rewards, terminations, truncations, info
 
 

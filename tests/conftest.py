@@ -343,6 +343,36 @@ class ScriptedAtari(gym.vector.VectorEnv):
                 np.array([False]), {"lives": np.array([lives])})
 
 
+class ShortGames(gym.vector.VectorEnv):
+    """Two Atari-like envs (4x84x84 frame stacks, NEXT_STEP) whose games last 2 steps (env 0) and 3 (env 1):
+    each frame of env 0's game n is grey level 10 n, so a video shows which game it filmed."""
+
+    metadata = {"autoreset_mode": gym.vector.AutoresetMode.NEXT_STEP}
+
+    def __init__(self):
+        self.num_envs, self.lengths = 2, np.array([2, 3])
+        self.single_observation_space = gym.spaces.Box(0, 255, (4, 84, 84), np.uint8)
+        self.single_action_space = gym.spaces.Discrete(2)
+        self.observation_space = gym.vector.utils.batch_space(self.single_observation_space, 2)
+        self.action_space = gym.vector.utils.batch_space(self.single_action_space, 2)
+
+    def frames(self):
+        obs = np.zeros((2, 4, 84, 84), np.uint8)
+        obs[:, -1] = (10 * self.game)[:, None, None]
+        return obs
+
+    def reset(self, seed=None, options=None):
+        self.t, self.game, self.ended = np.zeros(2, int), np.zeros(2, int), np.zeros(2, bool)
+        return self.frames(), {}
+
+    def step(self, actions):
+        self.game += self.ended  # the step after a game's end starts the next
+        self.t = np.where(self.ended, 0, self.t + 1)
+        over = ~self.ended & (self.t == self.lengths)
+        self.ended = over
+        return self.frames(), np.zeros(2), over, np.zeros(2, bool), {"_episode": over}
+
+
 gym.register("Bandit-v0", entry_point=Bandit)
 gym.register("ImageBandit-v0", entry_point=ImageBandit)
 

@@ -22,7 +22,7 @@ from gymnasium.vector import AutoresetMode
 import ppo
 from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
                       join_gloo, make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags,
-                      run_main, run_ranks, run_script, ScriptedAtari, stop_one_rank, collectives_then_training,
+                      run_main, run_ranks, run_script, ScriptedAtari, ShortGames, stop_one_rank, collectives_then_training,
                       free_port, toy_env_module, wandb_records,
                       USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second)
 
@@ -551,9 +551,6 @@ def test_same_seed_same_returns(tmp_path, capsys):
     (["--atari-noop-max", "-1"], ["--atari-noop-max must be 0 or more"]),
     (["--atari-sticky-actions", "2"], ["--atari-sticky-actions must lie in [0, 1]"]),
     (["--atari-frame-skip", "0"], ["--atari-frame-skip must be positive"]),
-    (["--env-id", "ALE/Breakout-v5", "--capture-video"], ["--capture-video records Atari ids (ALE/Breakout-v5) only with --eval-checkpoint"]),
-    (["--env-id", "ale_py:ALE/Breakout-v5", "--capture-video"],
-     ["--capture-video records Atari ids (ale_py:ALE/Breakout-v5) only with --eval-checkpoint"]),
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 10"]),
     (["--env-id", "CarRacing-v3"], ["Box", "ppo_continuous.py"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
@@ -903,6 +900,34 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     assert ckpt["global_step"] == 512
     assert float(ckpt["optimizer"]["state"][0]["step"]) == 64  # from where it left off, not from scratch
     assert read_steps(run, "charts/SPS") == [128, 256, 384, 512]  # each step logged once
+
+
+def test_training_films_games_on_record_video_s_schedule():
+    assert [n for n in range(3001) if ppo.filmed_game(n)] == [0, 1, 8, 27, 64, 125, 216, 343, 512, 729, 1000, 2000, 3000]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="needs moviepy (pip install moviepy)")
+def test_training_on_atari_films_env_0_s_scheduled_games(tmp_path):
+    from moviepy import VideoFileClip
+    envs = ppo.RecordGames(ShortGames(), str(tmp_path), every_env=False)
+    envs.reset(seed=0)
+    for _ in range(30):  # env 0 plays 10 games of 2 steps (and a reset step each); env 1, of 3
+        envs.step(np.zeros(2, np.int64))
+    videos = sorted(tmp_path.glob("*.mp4"), key=lambda p: int(p.stem.split("-")[-1]))
+    assert [p.name for p in videos] == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4", "rl-video-episode-8.mp4"]
+    for game, path in zip((0, 1, 8), videos):  # each its own game, whole: its first frame and its 2 steps'
+        greys = [frame.mean() for frame in VideoFileClip(str(path)).iter_frames()]
+        assert len(greys) == 3 and all(abs(grey - 10 * game) < 3 for grey in greys), (path.name, greys)
+
+
+@pytest.mark.skipif(ppo.ale_py is None or importlib.util.find_spec("moviepy") is None, reason="needs ale-py, moviepy")
+def test_a_training_run_on_atari_films_env_0(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(ppo.ale_py.vector_env, "AtariVectorEnv", ScriptedAtari)  # one game, over at step 7
+    out = run_main(ppo, tmp_path, capsys, "--env-id", "ALE/Breakout-v5", "--num-envs", "1", "--num-steps", "9", "--num-minibatches", "1",
+                   "--total-timesteps", "9", "--capture-video")
+    assert out.returncode == 0, out.stderr
+    (video,) = tmp_path.glob("videos/*/rl-video-episode-0.mp4")
+    assert video.parent.name.startswith("ALE-Breakout-v5__ppo__1__")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
