@@ -1548,7 +1548,7 @@ def evaluate(args: Args) -> None:
                 returns[first] = info["episode"]["r"][first]
     envs.close()
 
-    print(f"eval: {args.eval_episodes} episodes of {args.env_id}: "
+    print(f"eval: {args.eval_episodes} episode{'s' * (args.eval_episodes != 1)} of {args.env_id}: "
           f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
     if args.capture_video:
         print(f"eval: videos in videos/{run_name}/")

@@ -1319,7 +1319,7 @@ def evaluate(args: Args) -> None:
     envs.close()
 
     how = "the mean action" if args.eval_deterministic else "sampled actions"
-    print(f"eval: {args.eval_episodes} episodes of {args.env_id} ({how}): "
+    print(f"eval: {args.eval_episodes} episode{'s' * (args.eval_episodes != 1)} of {args.env_id} ({how}): "
           f"return {returns.mean():.2f} ± {returns.std():.2f}", flush=True)
     if args.capture_video:
         print(f"eval: videos in videos/{run_name}/")

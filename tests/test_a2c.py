@@ -362,7 +362,7 @@ def test_checkpoint_errors(tmp_path, capsys):
     torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, relabelled)
     out = run_main(a2c, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(relabelled),
                    "--eval-episodes", "1")
-    assert out.returncode == 0 and "eval: 1 episodes of CartPole-v1" in out.stdout, out.stderr
+    assert out.returncode == 0 and "eval: 1 episode of CartPole-v1" in out.stdout, out.stderr
 
 
 def test_first_ctrl_c_is_a_request_and_the_second_interrupts(python_sigint):
@@ -808,7 +808,7 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
                    str(run / "model.pt"), "--eval-episodes", "1", *film)
     assert out.returncode == 0, out.stderr
-    score = float(out.stdout.split("eval: 1 episodes of PongNoFrameskip-v4: return ")[1].split()[0])
+    score = float(out.stdout.split("eval: 1 episode of PongNoFrameskip-v4: return ")[1].split()[0])
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
     if film:
         (video,) = (tmp_path / "videos").glob("PongNoFrameskip-v4__a2c-eval__1__*/eval-0.mp4")

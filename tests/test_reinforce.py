@@ -320,7 +320,7 @@ def test_checkpoint_errors(tmp_path, capsys):
     torch.save({**ckpt, "args": {**ckpt["args"], "env_id": "Acrobot-v1"}}, relabelled)
     out = run_main(reinforce, tmp_path, capsys, "--env-id", "CartPole-v1", "--eval-checkpoint", str(relabelled),
                    "--eval-episodes", "1")
-    assert out.returncode == 0 and "eval: 1 episodes of CartPole-v1" in out.stdout, out.stderr
+    assert out.returncode == 0 and "eval: 1 episode of CartPole-v1" in out.stdout, out.stderr
 
 
 def test_first_ctrl_c_is_a_request_and_the_second_interrupts(python_sigint):
