@@ -222,14 +222,21 @@ ATARI_ONLY = tuple(field.name for field in fields(Args) if field.name.startswith
 FRAMES_ONLY = ("cnn_precision",)
 
 
+def as_flag(name: str, value) -> str:
+    """A flag as the command line writes it: --atari-noop-max 3, --no-atari-fire-reset."""
+    if isinstance(value, bool):
+        return f"--{'no-' * (not value)}{name.replace('_', '-')}"
+    return f"--{name.replace('_', '-')} {value}"
+
+
 def check_flags_apply(args: Args, frames: bool) -> None:
-    """An --atari-* flag for an env that is no Atari game, or --cnn-precision for vector observations, would do
+    """An --atari-* flag for an env that is no Atari game, or --cnn-precision for an env without frames, would do
     nothing: one line, not silence. (A flag given as its default cannot be told from one left unset.)"""
     atari = frames and is_atari(env_spec(args.env_id))
     for names, applies, why_not in ((ATARI_ONLY, atari, "Atari ids only, and {} is not one"),
-                                    (FRAMES_ONLY, frames, "image observations only, and {}'s are vectors")):
-        given = [f"--{'no-' * (getattr(args, name) is False)}{name.replace('_', '-')}" for name in names
-                 if getattr(args, name) != getattr(Args, name)]
+                                    (FRAMES_ONLY, frames, "frames only (uint8 images, channels first), and {} "
+                                                          "does not give them")):
+        given = [as_flag(name, getattr(args, name)) for name in names if getattr(args, name) != getattr(Args, name)]
         if given and not applies:
             raise UserError(f"{', '.join(given)}: for {why_not.format(args.env_id)}")
 
@@ -296,7 +303,8 @@ def make_envs(args: Args, num_envs: int, run_name: str = "", record_every_env: b
     spec = env_spec(env_id)
     if is_atari(spec):
         envs = make_atari_envs(args, spec, num_envs)
-        return RecordGames(envs, f"videos/{run_name}", record_every_env) if capture_video else envs
+        fps = 60 / args.atari_frame_skip  # the games run at 60 frames a second
+        return RecordGames(envs, f"videos/{run_name}", record_every_env, fps) if capture_video else envs
     if capture_video:  # rendering needs a package of its own (pygame), or OpenGL (MuJoCo)
         try:
             probe = gym.make(env_id, render_mode="rgb_array")
@@ -397,7 +405,7 @@ class AtariLearnerView(gym.vector.VectorWrapper):
 
 
 def filmed_game(n: int) -> bool:
-    """Whether training films game n (from 0) of env 0: RecordVideo's schedule, the cubes below 1000, then every 1000th."""
+    """Whether training films env 0's game n (from 0): RecordVideo's schedule, cubes below 1000, then every 1000th."""
     return round(n ** (1 / 3)) ** 3 == n if n < 1000 else n % 1000 == 0
 
 
@@ -405,9 +413,10 @@ class RecordGames(gym.vector.VectorWrapper):
     """Videos of Atari games as the agent sees them, the newest 84x84 frame of each observation shown twice
     the size (ale-py's vector env renders nothing). Evaluating (`every_env`): each env's first game,
     `FOLDER/eval-I.mp4`. Training: env 0's games on RecordVideo's schedule (game 0, 1, 8, 27, ..., 729, 1000,
-    then every 1000th), `FOLDER/rl-video-episode-N.mp4`. A video is written when its game ends."""
+    then every 1000th), `FOLDER/rl-video-episode-N.mp4`. A video is written when its game ends, or as far as
+    it got when the envs close."""
 
-    def __init__(self, envs: gym.vector.VectorEnv, folder: str, every_env: bool, fps: int = 15):  # 60 Hz / skip 4
+    def __init__(self, envs: gym.vector.VectorEnv, folder: str, every_env: bool, fps: float):
         super().__init__(envs)
         self.folder, self.every_env, self.fps = folder, every_env, fps
         self.games = [[] for _ in range(envs.num_envs)]
@@ -426,8 +435,9 @@ class RecordGames(gym.vector.VectorWrapper):
             grey = game[min(round(t * self.fps), len(game) - 1)]
             return np.repeat(np.repeat(grey, 2, 0), 2, 1)[..., None].repeat(3, -1)
         os.makedirs(self.folder, exist_ok=True)
-        VideoClip(frame, duration=len(game) / self.fps).write_videofile(f"{self.folder}/{name}.mp4", fps=self.fps,
-                                                                        logger=None)
+        # moviepy encodes int(duration * fps) frames: half a frame more keeps the last (the game's end) whole
+        VideoClip(frame, duration=(len(game) + 0.5) / self.fps).write_videofile(f"{self.folder}/{name}.mp4",
+                                                                                fps=self.fps, logger=None)
 
     def reset(self, **kwargs):
         obs, info = self.env.reset(**kwargs)
@@ -445,6 +455,12 @@ class RecordGames(gym.vector.VectorWrapper):
             self.env_0_games += 1
             self.filming[0] = filmed_game(self.env_0_games)
         return obs, rewards, terminations, truncations, info
+
+    def close(self, **kwargs):
+        """A game being filmed when training stops (at its end, Ctrl-C, SIGTERM) is written as far as it got."""
+        for i in np.flatnonzero(self.filming & [len(game) > 1 for game in self.games]):
+            self.write(i, f"eval-{i}" if self.every_env else f"rl-video-episode-{self.env_0_games}")
+        return super().close(**kwargs)
 
 
 def learner_signal(rewards: np.ndarray, terminations: np.ndarray, lives: np.ndarray, previous_lives: np.ndarray,
@@ -662,9 +678,8 @@ def as_used(args: Args, frames: bool, device: torch.device) -> dict:
     leaves the choice to the env or the machine. The checkpoint keeps them as given: evaluated elsewhere, a
     model's --cnn-precision auto is that machine's, its unset sticky actions the id's it is evaluated on."""
     used = asdict(args)
-    if frames:
+    if frames:  # and neither normalised: the network scales frames to [0, 1] (Atari: --atari-clip-reward)
         used["cnn_precision"] = "bfloat16" if use_bf16(args.cnn_precision, frames, device) else "float32"
-    if frames:  # never normalised: the network scales frames to [0, 1], Atari clips rewards
         used["norm_obs"] = used["norm_reward"] = False
     spec = env_spec(args.env_id)
     if is_atari(spec):
@@ -1146,12 +1161,20 @@ def restore_running_stats(rms, stats: Optional[dict]) -> None:
 
 def as_trained(args: Args) -> Args:
     """`args` with the checkpoint's --atari-* flags: a model plays the game it was trained on (frame skip,
-    stack, sticky actions, ...). A file that is no checkpoint of ours is left to `load_checkpoint` to report."""
+    stack, sticky actions, ...); one given otherwise is one line. A file that is no checkpoint of ours is left
+    to `load_checkpoint` to report."""
     try:
         trained = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)["args"]
-        return replace(args, **{k: v for k, v in trained.items() if k.startswith("atari_") and hasattr(args, k)})
     except Exception:
         return args
+    played = {name: value for name, value in trained.items() if name.startswith("atari_") and hasattr(args, name)}
+    for name, value in played.items():
+        given = getattr(args, name)
+        if given != getattr(Args, name) and given != value:
+            as_trained_ = as_flag(name, value) if value is not None else "the id's sticky actions (set by --env-id)"
+            raise UserError(f"{as_flag(name, given)}: the model was trained with {as_trained_}, and is evaluated "
+                            "on the game as trained")
+    return replace(args, **played)
 
 
 def read_checkpoint(path: str) -> dict:
@@ -1407,7 +1430,8 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     frames = observes_frames(args.env_id)
     args = with_defaults(args, frames)
     check_args(args)
-    check_flags_apply(args, frames)
+    if not resume:  # a resumed run's flags are its checkpoint's, which may predate this check
+        check_flags_apply(args, frames)
     device = select_device(args)
     ranks = join_ranks(device)
     run_name = f"{folder_name(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"

@@ -57,15 +57,17 @@ def toy_env_module(folder, name):
 def run_twice(module, script, cwd, capsys, *argv, timeout=240):
     """The same command line twice at once: in a fresh process (in cwd/0) and in this one (in cwd/1), one
     core each. Each run's episodic returns. The two differ where a fresh process can hide a missing seed:
-    this one's hash seed differs, and its global state (torch's and numpy's generators, what earlier tests
-    left) is not a fresh process's."""
+    this one's global state (torch's and numpy's generators, what earlier tests left) is not a fresh
+    process's, and its hash seed is another (unless PYTHONHASHSEED is set)."""
     os.makedirs(Path(cwd) / "0", exist_ok=True)
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=Path(cwd) / "0",
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         here = run_main(module, Path(cwd) / "1", capsys, *argv)
-    finally:
         _, stderr = proc.communicate(timeout=timeout)
+    finally:
+        proc.kill()  # nothing once it has ended; if this one failed or it ran too long, no run is left behind
+        proc.wait()
     assert proc.returncode == 0, stderr
     assert here.returncode == 0, here.stderr
     returns = []
@@ -146,6 +148,14 @@ def read_steps(run_dir, tag):
     ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     ea.Reload()
     return [e.step for e in ea.Scalars(tag)]
+
+
+def steps_of_the_last_writer(run_dir, tag):
+    """The steps `tag` was logged at in the run's newest event file (TensorBoard reads them in name order):
+    what the last process to write there logged, a resumed run's own."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    newest = sorted(Path(run_dir).glob("events.out.tfevents.*"))[-1]
+    return [e.step for e in EventFileLoader(str(newest)).Load() if any(v.tag == tag for v in e.summary.value)]
 
 
 def ranks_played_alike(run_dir, ranks=2):

@@ -22,7 +22,7 @@ from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interr
                       join_gloo, make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps,
                       read_tags, run_main, run_ranks, run_script, ScriptedAtari, ShortGames, stop_one_rank,
                       collectives_then_training, free_port, toy_env_module, wandb_records,
-                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second)
+                      USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second, steps_of_the_last_writer)
 
 
 def cols(rows, dtype=np.float32):
@@ -303,10 +303,10 @@ def test_same_seed_same_returns(tmp_path, capsys):
     (["--env-id", "CarRacing-v3"], ["CarRacing-v3 has observation space", "(96, 96, 3)"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
     # A flag for frames or Atari, given where it would do nothing (ImageBandit-v0: frames, but no Atari game).
-    (["--atari-frame-skip", "2"], ["--atari-frame-skip: for Atari ids only, and CartPole-v1 is not one"]),
+    (["--atari-frame-skip", "2"], ["--atari-frame-skip 2: for Atari ids only, and CartPole-v1 is not one"]),
     (["--env-id", "ImageBandit-v0", "--no-atari-fire-reset", "--atari-sticky-actions", "0"],
-     ["--no-atari-fire-reset, --atari-sticky-actions: for Atari ids only, and ImageBandit-v0 is not one"]),
-    (["--cnn-precision", "float32"], ["--cnn-precision: for image observations only, and CartPole-v1's are vectors"]),
+     ["--no-atari-fire-reset, --atari-sticky-actions 0.0: for Atari ids only, and ImageBandit-v0 is not one"]),
+    (["--cnn-precision", "float32"], ["--cnn-precision float32: for frames only", "CartPole-v1 does not give them"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(a2c, tmp_path, capsys, *argv), "a2c.py", *fragments)
@@ -355,7 +355,7 @@ def test_checkpoint_errors(tmp_path, capsys):
     one_line_error(run_main(a2c, tmp_path, capsys, "--env-id", "Acrobot-v1", "--eval-checkpoint",
                             str(run / "model.pt")), "a2c.py", "trained on CartPole-v1", "--env-id CartPole-v1")
     one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-noop-max", "3"), "a2c.py",
-                   "--atari-noop-max: for Atari ids only, and CartPole-v1 is not one")  # evaluating too
+                   "--atari-noop-max 3: for Atari ids only, and CartPole-v1 is not one")  # evaluating too
     # --env-id given, even as its default, wins over the checkpoint's env (relabelled here as Acrobot-v1's).
     ckpt = torch.load(run / "model.pt", weights_only=True)
     relabelled = tmp_path / "relabelled.pt"
@@ -817,8 +817,14 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     ckpt = torch.load(run / "model.pt", weights_only=True)
     assert ckpt["global_step"] == 400
-    assert float(ckpt["optimizer"]["state"][0]["step"]) == 40  # from where it left off, not from scratch
+    assert float(ckpt["optimizer"]["state"][0]["step"]) == 40  # every update's, the first run's too
     assert read_steps(run, "charts/SPS") == [200, 400]  # each step logged once
+    assert steps_of_the_last_writer(run, "charts/SPS") == [400]  # the resumed run's own: it went on, not over
+    # Evaluated, a model plays the game as trained: an --atari-* flag that differs is one line, not ignored.
+    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-frame-skip", "2"), "a2c.py",
+                   "--atari-frame-skip 2: the model was trained with --atari-frame-skip 4")
+    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-sticky-actions", "0.25"),
+                   "a2c.py", "--atari-sticky-actions 0.25: the model was trained with the id's sticky actions")
 
 
 def test_training_films_games_on_record_video_s_schedule():
@@ -827,16 +833,22 @@ def test_training_films_games_on_record_video_s_schedule():
 
 @pytest.mark.skipif(importlib.util.find_spec("moviepy") is None, reason="needs moviepy (pip install moviepy)")
 def test_training_on_atari_films_env_0_s_scheduled_games(tmp_path):
+    from imageio_ffmpeg import count_frames_and_secs  # moviepy's own reader can miss a last frame
     from moviepy import VideoFileClip
-    envs = a2c.RecordGames(ShortGames(), str(tmp_path), every_env=False)
+    envs = a2c.RecordGames(ShortGames(), str(tmp_path), every_env=False, fps=15)
     envs.reset(seed=0)
-    for _ in range(30):  # env 0 plays 10 games of 2 steps (and a reset step each); env 1, of 3
+    for _ in range(25):  # env 0 plays games of 2 steps and a reset step (game 8 starts at step 24); env 1, of 3
         envs.step(np.zeros(2, np.int64))
+    envs.close()  # game 8, unfinished, as far as it got: its first frame and its first step's
     videos = sorted(tmp_path.glob("*.mp4"), key=lambda p: int(p.stem.split("-")[-1]))
     assert [p.name for p in videos] == ["rl-video-episode-0.mp4", "rl-video-episode-1.mp4", "rl-video-episode-8.mp4"]
-    for game, path in zip((0, 1, 8), videos):  # each its own game, whole: its first frame and its 2 steps'
+    for game, frames, path in zip((0, 1, 8), (3, 3, 2), videos):  # each its own game, whole
         greys = [frame.mean() for frame in VideoFileClip(str(path)).iter_frames()]
-        assert len(greys) == 3 and all(abs(grey - 10 * game) < 3 for grey in greys), (path.name, greys)
+        assert count_frames_and_secs(str(path))[0] == frames, path.name
+        assert all(abs(grey - 10 * game) < 3 for grey in greys), (path.name, greys)
+    envs.games[0] = [np.full((84, 84), 10 * (k % 2), np.uint8) for k in range(123)]  # 123 / 15 s: moviepy's rounding
+    envs.write(0, "long")                                                              # would drop the last
+    assert count_frames_and_secs(str(tmp_path / "long.mp4"))[0] == 123
 
 
 @pytest.mark.skipif(a2c.ale_py is None or importlib.util.find_spec("moviepy") is None, reason="needs ale-py, moviepy")
@@ -972,7 +984,7 @@ def test_a_killed_run_resumes_where_its_checkpoint_left_it(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
     ckpt = torch.load(checkpoint, weights_only=True)
     assert ckpt["global_step"] == 10240
-    assert float(ckpt["optimizer"]["state"][0]["step"]) == 160  # the run's 160 updates: resumed, not started over
+    assert min(steps_of_the_last_writer(checkpoint.parent, "charts/episodic_return")) > killed_at  # went on, not over
     steps = read_steps(checkpoint.parent, "losses/policy_loss")  # every 100th update (of 64 steps) and the last
     assert steps == sorted(set(steps)) and steps[-1] == 10240
     episode_steps = read_steps(checkpoint.parent, "charts/episodic_return")
@@ -999,6 +1011,18 @@ def test_a_resumed_run_starts_from_the_checkpoint_exactly(tmp_path, capsys):
     assert after["obs_rms"]["count"] == before["obs_rms"]["count"] + 4
     np.testing.assert_allclose(after["obs_rms"]["mean"], before["obs_rms"]["mean"], atol=1e-2)
     assert after["rng"]["acting"] == before["rng"]["acting"]
+
+
+def test_a_checkpoint_saved_before_the_flag_check_still_resumes(tmp_path, capsys):
+    # --atari-noop-max 3 and --cnn-precision float32 on CartPole were once saved (and did nothing): such a
+    # run resumes, with the flags it was started with.
+    out = run_main(a2c, tmp_path, capsys, *SMALL, "--save-model")
+    (run,) = (tmp_path / "runs").iterdir()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    torch.save({**ckpt, "args": {**ckpt["args"], "atari_noop_max": 3, "cnn_precision": "float32"}}, run / "model.pt")
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "8192")
+    assert out.returncode == 0, out.stderr
+    assert torch.load(run / "model.pt", weights_only=True)["global_step"] == 8192
 
 
 def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
