@@ -1,9 +1,11 @@
 """Helpers to run a script as a user would: a subprocess in a temporary working directory."""
 
+import importlib.util
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,12 @@ def run_script(script, cwd, *argv, timeout=240, env=None):
                           text=True, timeout=timeout, env=environ)
 
 
+# Weights & Biases with no account and no network: runs are written under ./wandb, and DISPLAY is unset so
+# that videos are rendered off screen, as on a server.
+WANDB_OFFLINE = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
+TRACKING = importlib.util.find_spec("wandb") is not None
+
+
 def wandb_records(cwd):
     """The bytes of each offline W&B run under `cwd`/wandb (its .wandb log), by run directory name."""
     return {run.name: next(run.glob("*.wandb")).read_bytes() for run in (Path(cwd) / "wandb").glob("offline-run-*")}
@@ -54,14 +62,16 @@ def toy_env_module(folder, name):
     return f"{name}:{env_id}"
 
 
-def run_twice(module, script, cwd, capsys, *argv, timeout=240):
-    """The same command line twice at once: in a fresh process (in cwd/0) and in this one (in cwd/1), one
-    core each. Each run's episodic returns. The two differ where a fresh process can hide a missing seed:
-    this one's global state (torch's and numpy's generators, what earlier tests left) is not a fresh
-    process's, and its hash seed is another (unless PYTHONHASHSEED is set)."""
+def run_twice(module, script, cwd, capsys, *argv, fresh=(), env=None, timeout=240):
+    """The same command line twice at once: in a fresh process (in cwd/0, with the flags `fresh` added and the
+    variables `env` set or, as None, unset) and in this one (in cwd/1), one core each. Each run's episodic
+    returns. The two differ where a fresh process can hide a missing seed: this one's global state (torch's and
+    numpy's generators, what earlier tests left) is not a fresh process's, and its hash seed is another
+    (unless PYTHONHASHSEED is set)."""
     os.makedirs(Path(cwd) / "0", exist_ok=True)
-    proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=Path(cwd) / "0",
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    environ = {k: v for k, v in {**os.environ, **(env or {})}.items() if v is not None}
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv, *fresh], cwd=Path(cwd) / "0",
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ)
     try:
         here = run_main(module, Path(cwd) / "1", capsys, *argv)
         _, stderr = proc.communicate(timeout=timeout)
@@ -83,37 +93,47 @@ def after_this_second():
     time.sleep(1 - time.time() % 1)
 
 
-def interrupt_script(script, cwd, *argv, timeout=120, signums=(signal.SIGINT, signal.SIGTERM)):
-    """Start one run per signal, side by side (one core each), each in its own folder under `cwd`; once a
-    run has logged charts/SPS (a training iteration), Ctrl-C it (SIGINT) or send it its other signal
-    (SIGTERM is what `kill`, `timeout` and cluster schedulers send). Returns [(signum, the finished
-    process, its folder)]."""
-    started = []
-    for signum in signums:
-        folder = Path(cwd) / signal.Signals(signum).name
+def interrupt_script(module, script, cwd, capsys, *argv, timeout=120):
+    """Two runs of `argv`, each in its own folder under `cwd`, stopped once it has logged charts/SPS (a training
+    iteration): one in a fresh process by Ctrl-C (SIGINT), one in this process by SIGTERM (what `kill`, `timeout`
+    and cluster schedulers send; unhandled, it would end this process and fail the test loudly). Returns
+    [(signum, the finished run, its folder)]."""
+    folders = {signum: Path(cwd) / signal.Signals(signum).name for signum in (signal.SIGINT, signal.SIGTERM)}
+    for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
-        # A shell's background job (`pytest &`) starts with SIGINT ignored, which the child would keep:
-        # give it the default a terminal's Ctrl-C meets.
-        proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=folder, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        started.append((signum, proc, folder))
-    deadline = time.time() + timeout
-    waiting = list(started)
-    while waiting and time.time() < deadline:
-        for signum, proc, folder in list(waiting):
-            events = list(folder.glob("runs/*/events.*"))
-            if proc.poll() is not None or (events and b"charts/SPS" in events[0].read_bytes()):  # tags are text
-                proc.send_signal(signum)
-                waiting.remove((signum, proc, folder))
-        time.sleep(0.2)
-    finished = []
-    for signum, proc, folder in started:
-        if (signum, proc, folder) in waiting:
-            proc.send_signal(signum)
+    # A shell's background job (`pytest &`) starts with SIGINT ignored, which the child would keep:
+    # give it the default a terminal's Ctrl-C meets.
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=folders[signal.SIGINT],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    here_runs = threading.Event()
+    here_runs.set()
+    sends = {signal.SIGINT: lambda: proc.poll() is None and proc.send_signal(signal.SIGINT),
+             signal.SIGTERM: lambda: here_runs.is_set() and os.kill(os.getpid(), signal.SIGTERM)}
+
+    def stop_each_once_it_trains():
+        deadline, waiting = time.time() + timeout, dict(folders)
+        try:
+            while waiting and time.time() < deadline:
+                for signum, folder in list(waiting.items()):
+                    events = list(folder.glob("runs/*/events.*"))
+                    if events and b"charts/SPS" in events[0].read_bytes():  # tags are text
+                        del waiting[signum]
+                        sends[signum]()
+                time.sleep(0.2)
+        finally:  # at the deadline, or if this thread fails: no run is left to train forever
+            for signum in waiting:
+                sends[signum]()
+    stopper = threading.Thread(target=stop_each_once_it_trains)
+    stopper.start()
+    try:
+        here = run_main(module, folders[signal.SIGTERM], capsys, *argv)
+    finally:
+        here_runs.clear()
+        stopper.join()
         stdout, stderr = proc.communicate(timeout=60)
-        finished.append((signum, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), folder))
-    return finished
+    return [(signal.SIGINT, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
+             folders[signal.SIGINT]), (signal.SIGTERM, here, folders[signal.SIGTERM])]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import a2c
 from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
                       join_gloo, make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps,
                       read_tags, run_main, run_ranks, run_script, ScriptedAtari, ShortGames, stop_one_rank,
-                      collectives_then_training, free_port, toy_env_module, wandb_records,
+                      collectives_then_training, free_port, toy_env_module, wandb_records, WANDB_OFFLINE, TRACKING,
                       USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second, steps_of_the_last_writer)
 
 
@@ -280,10 +280,19 @@ def test_adam_and_mse_run(tmp_path, capsys):
     assert out.returncode == 0, out.stderr
 
 
-def test_same_seed_same_returns(tmp_path, capsys):
-    returns = run_twice(a2c, "a2c.py", tmp_path, capsys, *SMALL, "--seed", "5")
+def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
+    # Tracked by Weights & Biases (offline) in the fresh process where wandb is installed, untracked in this one.
+    returns = run_twice(a2c, "a2c.py", tmp_path, capsys, *SMALL, "--seed", "5",
+                        fresh=["--track"] if TRACKING else [], env=WANDB_OFFLINE)
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
+    if TRACKING:  # the W&B run is the run (a resumed one goes on in it), with the scalars and the flags
+        ((name, record),) = wandb_records(tmp_path / "0").items()
+        (run,) = (tmp_path / "0" / "runs").iterdir()
+        assert name.endswith(run.name)
+        for tag in (b"wandb_project_name",  # a flag only the config holds
+                    b"charts/episodic_return", b"losses/value_loss", b"charts/learning_rate", b"CartPole-v1"):
+            assert tag in record, tag
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -390,8 +399,9 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path):
-    for signum, out, folder in interrupt_script("a2c.py", tmp_path, "--total-timesteps", "100000000", "--save-model"):
+def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path, capsys):
+    stopped = interrupt_script(a2c, "a2c.py", tmp_path, capsys, "--total-timesteps", "100000000", "--save-model")
+    for signum, out, folder in stopped:
         assert out.returncode == 128 + signum, out.stderr  # 130 after Ctrl-C, 143 after SIGTERM
         assert "Traceback" not in out.stderr
         assert f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} at step" in out.stdout
@@ -751,9 +761,11 @@ def test_a_training_run_logs_the_game_score(tmp_path, capsys, monkeypatch):
     # The Atari path of make_envs, with ScriptedAtari in place of ale-py's env: what it is built
     # with (its own clipping and life-loss options) decides what reaches charts/episodic_return.
     monkeypatch.setattr(a2c.ale_py.vector_env, "AtariVectorEnv", ScriptedAtari)
+    film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # and env 0's game on film
     tags, _ = frames_run(tmp_path, capsys, "--env-id", "ALE/Breakout-v5", "--num-envs", "1", "--num-steps", "9",
-                         "--total-timesteps", "9")
+                         "--total-timesteps", "9", *film)
     assert tags["charts/episodic_return"] == [11.0] and tags["charts/episodic_length"] == [7]
+    assert len(list(tmp_path.glob("videos/ALE-Breakout-v5__a2c__1__*/rl-video-episode-0.mp4"))) == len(film)
 
 
 def test_cnn_precision(monkeypatch):
@@ -851,37 +863,22 @@ def test_training_on_atari_films_env_0_s_scheduled_games(tmp_path):
     assert count_frames_and_secs(str(tmp_path / "long.mp4"))[0] == 123
 
 
-@pytest.mark.skipif(a2c.ale_py is None or importlib.util.find_spec("moviepy") is None, reason="needs ale-py, moviepy")
-def test_a_training_run_on_atari_films_env_0(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(a2c.ale_py.vector_env, "AtariVectorEnv", ScriptedAtari)  # one game, over at step 7
-    out = run_main(a2c, tmp_path, capsys, "--env-id", "ALE/Breakout-v5", "--num-envs", "1", "--num-steps", "9",
-                   "--total-timesteps", "9", "--capture-video")
-    assert out.returncode == 0, out.stderr
-    (video,) = tmp_path.glob("videos/*/rl-video-episode-0.mp4")
-    assert video.parent.name.startswith("ALE-Breakout-v5__a2c__1__")
-
-
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
                     reason="needs wandb and moviepy (pip install wandb moviepy)")
 def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path, capsys):
-    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
-    out = run_script("a2c.py", tmp_path, "--total-timesteps", "1024", "--num-envs", "4", "--save-model", "--track",
-                     env=offline)
+    out = run_main(a2c, tmp_path, capsys, "--total-timesteps", "1024", "--num-envs", "4", "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     out = run_script("a2c.py", tmp_path, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2",
-                     "--capture-video", "--track", env=offline)
+                     "--capture-video", "--track", env=WANDB_OFFLINE)
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stderr.splitlines() if not line.startswith("wandb:")] == []  # no SDL noise, no warning
     videos = sorted(p.name for p in (tmp_path / "videos").glob("CartPole-v1__a2c-eval__1__*/*.mp4"))
     assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
     unfilmed = run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2")
     assert unfilmed.stdout.splitlines()[0] == out.stdout.splitlines()[0]  # filmed or not, the same episodes
-    trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
-    assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
-    for tag in (b"charts/episodic_return", b"losses/value_loss", b"charts/learning_rate", b"CartPole-v1"):
-        assert tag in trained[1], tag  # the scalars and the flags
-    assert b"eval/episodic_return" in evaluated[1] and b"eval-1-episode-0" in evaluated[1]  # and the videos
+    ((_, evaluated),) = wandb_records(tmp_path).items()  # the training run was not tracked
+    assert b"eval/episodic_return" in evaluated and b"eval-1-episode-0" in evaluated  # and the videos
     assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
 
 

@@ -23,7 +23,7 @@ import ppo
 from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
                       join_gloo, make_runs_unwritable, one_line_error, ranks_played_alike, read_steps, read_tags,
                       run_main, run_ranks, run_script, ScriptedAtari, ShortGames, stop_one_rank, collectives_then_training,
-                      free_port, toy_env_module, wandb_records,
+                      free_port, toy_env_module, wandb_records, WANDB_OFFLINE, TRACKING,
                       USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second, steps_of_the_last_writer)
 
 GAMMA, LAM = 0.9, 0.5  # γλ = 0.45
@@ -529,10 +529,19 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert len(tags["eval/episodic_return"]) == 3
 
 
-def test_same_seed_same_returns(tmp_path, capsys):
-    returns = run_twice(ppo, "ppo.py", tmp_path, capsys, *SMALL, "--seed", "7")
+def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
+    # Tracked by Weights & Biases (offline) in the fresh process where wandb is installed, untracked in this one.
+    returns = run_twice(ppo, "ppo.py", tmp_path, capsys, *SMALL, "--seed", "7",
+                        fresh=["--track"] if TRACKING else [], env=WANDB_OFFLINE)
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
+    if TRACKING:  # the W&B run is the run (a resumed one goes on in it), with the scalars and the flags
+        ((name, record),) = wandb_records(tmp_path / "0").items()
+        (run,) = (tmp_path / "0" / "runs").iterdir()
+        assert name.endswith(run.name)
+        for tag in (b"wandb_project_name",  # a flag only the config holds
+                    b"charts/episodic_return", b"losses/value_loss", b"learning_rate", b"CartPole-v1"):
+            assert tag in record, tag
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -674,8 +683,9 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path):
-    for signum, out, folder in interrupt_script("ppo.py", tmp_path, "--total-timesteps", "10000000", "--save-model"):
+def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path, capsys):
+    stopped = interrupt_script(ppo, "ppo.py", tmp_path, capsys, "--total-timesteps", "10000000", "--save-model")
+    for signum, out, folder in stopped:
         assert out.returncode == 128 + signum, out.stderr  # 130 after Ctrl-C, 143 after SIGTERM
         assert "Traceback" not in out.stderr
         assert f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} at step" in out.stdout
@@ -816,9 +826,11 @@ def test_a_training_run_logs_the_game_score(tmp_path, capsys, monkeypatch):
     # The Atari path of make_envs, with ScriptedAtari in place of ale-py's env: what it is built
     # with (its own clipping and life-loss options) decides what reaches charts/episodic_return.
     monkeypatch.setattr(ppo.ale_py.vector_env, "AtariVectorEnv", ScriptedAtari)
+    film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # and env 0's game on film
     tags = logged_run(tmp_path, capsys, "--env-id", "ALE/Breakout-v5", "--num-envs", "1", "--num-steps", "9",
-                      "--num-minibatches", "1", "--total-timesteps", "9")
+                      "--num-minibatches", "1", "--total-timesteps", "9", *film)
     assert tags["charts/episodic_return"] == [11.0] and tags["charts/episodic_length"] == [7]
+    assert len(list(tmp_path.glob("videos/ALE-Breakout-v5__ppo__1__*/rl-video-episode-0.mp4"))) == len(film)
 
 
 def logged_run(tmp_path, capsys, *argv):
@@ -932,37 +944,23 @@ def test_training_on_atari_films_env_0_s_scheduled_games(tmp_path):
     assert count_frames_and_secs(str(tmp_path / "long.mp4"))[0] == 123
 
 
-@pytest.mark.skipif(ppo.ale_py is None or importlib.util.find_spec("moviepy") is None, reason="needs ale-py, moviepy")
-def test_a_training_run_on_atari_films_env_0(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(ppo.ale_py.vector_env, "AtariVectorEnv", ScriptedAtari)  # one game, over at step 7
-    out = run_main(ppo, tmp_path, capsys, "--env-id", "ALE/Breakout-v5", "--num-envs", "1", "--num-steps", "9", "--num-minibatches", "1",
-                   "--total-timesteps", "9", "--capture-video")
-    assert out.returncode == 0, out.stderr
-    (video,) = tmp_path.glob("videos/*/rl-video-episode-0.mp4")
-    assert video.parent.name.startswith("ALE-Breakout-v5__ppo__1__")
-
-
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
                     reason="needs wandb and moviepy (pip install wandb moviepy)")
 def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path, capsys):
-    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
-    out = run_script("ppo.py", tmp_path, "--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "128",
-                     "--save-model", "--track", env=offline)
+    out = run_main(ppo, tmp_path, capsys, "--total-timesteps", "1024", "--num-envs", "4", "--num-steps", "128",
+                   "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     out = run_script("ppo.py", tmp_path, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2",
-                     "--capture-video", "--track", env=offline)
+                     "--capture-video", "--track", env=WANDB_OFFLINE)
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stderr.splitlines() if not line.startswith("wandb:")] == []  # no SDL noise, no warning
     videos = sorted(p.name for p in (tmp_path / "videos").glob("CartPole-v1__ppo-eval__1__*/*.mp4"))
     assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
     unfilmed = run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2")
     assert unfilmed.stdout.splitlines()[0] == out.stdout.splitlines()[0]  # filmed or not, the same episodes
-    trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
-    assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
-    for tag in (b"charts/episodic_return", b"losses/value_loss", b"learning_rate", b"CartPole-v1"):
-        assert tag in trained[1], tag  # the scalars and the flags
-    assert b"eval/episodic_return" in evaluated[1] and b"eval-1-episode-0" in evaluated[1]  # and the videos
+    ((_, evaluated),) = wandb_records(tmp_path).items()  # the training run was not tracked
+    assert b"eval/episodic_return" in evaluated and b"eval-1-episode-0" in evaluated  # and the videos
     assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
 
 

@@ -24,7 +24,7 @@ import ppo_continuous as pc
 from conftest import (ROOT, slow_rank_0_save_as_rank, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
                       start_alike_as_rank, join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps,
                       read_tags, run_main, run_ranks, run_script, stop_one_rank, collectives_then_training,
-                      wandb_records,
+                      wandb_records, WANDB_OFFLINE, TRACKING,
                       USER_ERROR_UNDER_TORCHRUN, user_error_as_rank, after_this_second, steps_of_the_last_writer)
 
 LOG_2PI = 1.8378770664093453  # ln 2π
@@ -662,11 +662,20 @@ def test_anneal_lr_falls_linearly_to_zero(tmp_path, capsys):
                                [3e-4] * 8, rtol=1e-6)
 
 
-def test_same_seed_same_returns(tmp_path, capsys):
+def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
+    # Tracked by Weights & Biases (offline) in the fresh process where wandb is installed, untracked in this one.
     returns = run_twice(pc, "ppo_continuous.py", tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL,
-                        "--total-timesteps", "2048", "--seed", "7")
+                        "--total-timesteps", "2048", "--seed", "7",
+                        fresh=["--track"] if TRACKING else [], env=WANDB_OFFLINE)
     assert len(returns[0]) >= 8
     assert returns[0] == returns[1]
+    if TRACKING:  # the W&B run is the run (a resumed one goes on in it), with the scalars and the flags
+        ((name, record),) = wandb_records(tmp_path / "0").items()
+        (run,) = (tmp_path / "0" / "runs").iterdir()
+        assert name.endswith(run.name)
+        for tag in (b"wandb_project_name",  # a flag only the config holds
+                    b"charts/episodic_return", b"losses/value_loss", b"charts/learning_rate", b"Pendulum-v1"):
+            assert tag in record, tag
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -764,24 +773,19 @@ def test_capture_video_without_moviepy(tmp_path, capsys):
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
                     reason="needs wandb and moviepy (pip install wandb moviepy)")
 def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path, capsys):
-    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
-    out = run_script("ppo_continuous.py", tmp_path, "--env-id", "Pendulum-v1", *SMALL, "--save-model", "--track",
-                     env=offline)
+    out = run_main(pc, tmp_path, capsys, "--env-id", "Pendulum-v1", *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     evaluation = ["--env-id", "Pendulum-v1", "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2"]
-    out = run_script("ppo_continuous.py", tmp_path, *evaluation, "--capture-video", "--track", env=offline)
+    out = run_script("ppo_continuous.py", tmp_path, *evaluation, "--capture-video", "--track", env=WANDB_OFFLINE)
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stderr.splitlines() if not line.startswith("wandb:")] == []  # no SDL noise, no warning
     videos = sorted(p.name for p in (tmp_path / "videos").glob("Pendulum-v1__ppo_continuous-eval__1__*/*.mp4"))
     assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
     # Filmed, the episodes are those played unfilmed: the camera sees the env; the policy, its saved statistics.
     assert eval_return(out) == eval_return(run_main(pc, tmp_path / "unfilmed", capsys, *evaluation))
-    trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
-    assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
-    for tag in (b"charts/episodic_return", b"losses/value_loss", b"charts/learning_rate", b"Pendulum-v1"):
-        assert tag in trained[1], tag  # the scalars and the flags
-    assert b"eval/episodic_return" in evaluated[1] and b"eval-1-episode-0" in evaluated[1]  # and the videos
+    ((_, evaluated),) = wandb_records(tmp_path).items()  # the training run was not tracked
+    assert b"eval/episodic_return" in evaluated and b"eval-1-episode-0" in evaluated  # and the videos
     assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
 
 
@@ -924,9 +928,10 @@ def test_sigterm_is_a_request_too():
         signal.signal(signal.SIGTERM, before)
 
 
-def test_ctrl_c_and_sigterm_save_model_statistics_and_logs(tmp_path):
-    for signum, out, folder in interrupt_script("ppo_continuous.py", tmp_path, "--env-id", "Pendulum-v1",
-                                                "--total-timesteps", "10000000", "--num-steps", "256", "--save-model"):
+def test_ctrl_c_and_sigterm_save_model_statistics_and_logs(tmp_path, capsys):
+    stopped = interrupt_script(pc, "ppo_continuous.py", tmp_path, capsys, "--env-id", "Pendulum-v1",
+                               "--total-timesteps", "10000000", "--num-steps", "256", "--save-model")
+    for signum, out, folder in stopped:
         assert out.returncode == 128 + signum, out.stderr  # 130 after Ctrl-C, 143 after SIGTERM
         assert "Traceback" not in out.stderr
         assert f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} at step" in out.stdout

@@ -18,7 +18,8 @@ from gymnasium.vector import AutoresetMode
 
 import reinforce
 from conftest import (ROOT, run_twice, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
-                      run_main, run_script, toy_env_module, wandb_records, after_this_second, steps_of_the_last_writer)
+                      run_main, run_script, toy_env_module, wandb_records, WANDB_OFFLINE, TRACKING, after_this_second,
+                      steps_of_the_last_writer)
 
 
 def cols(rows, dtype=np.float32):
@@ -275,10 +276,19 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert f"eval: 2 episodes of {env_id}" in out.stdout
 
 
-def test_same_seed_same_returns(tmp_path, capsys):
-    returns = run_twice(reinforce, "reinforce.py", tmp_path, capsys, *SMALL, "--seed", "3")
+def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
+    # Tracked by Weights & Biases (offline) in the fresh process where wandb is installed, untracked in this one.
+    returns = run_twice(reinforce, "reinforce.py", tmp_path, capsys, *SMALL, "--seed", "3",
+                        fresh=["--track"] if TRACKING else [], env=WANDB_OFFLINE)
     assert len(returns[0]) > 10
     assert returns[0] == returns[1]
+    if TRACKING:  # the W&B run is the run (a resumed one goes on in it), with the scalars and the flags
+        ((name, record),) = wandb_records(tmp_path / "0").items()
+        (run,) = (tmp_path / "0" / "runs").iterdir()
+        assert name.endswith(run.name)
+        for tag in (b"wandb_project_name",  # a flag only the config holds
+                    b"charts/episodic_return", b"losses/policy_loss", b"learning_rate", b"CartPole-v1"):
+            assert tag in record, tag
 
 
 @pytest.mark.parametrize("argv, fragments", [
@@ -348,8 +358,10 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, before)
 
 
-def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path):
-    for signum, out, folder in interrupt_script("reinforce.py", tmp_path, "--total-timesteps", "10000000", "--save-model"):
+def test_ctrl_c_and_sigterm_save_model_and_logs(tmp_path, capsys):
+    stopped = interrupt_script(reinforce, "reinforce.py", tmp_path, capsys, "--total-timesteps", "10000000",
+                               "--save-model")
+    for signum, out, folder in stopped:
         assert out.returncode == 128 + signum, out.stderr  # 130 after Ctrl-C, 143 after SIGTERM
         assert "Traceback" not in out.stderr
         assert f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} at step" in out.stdout
@@ -709,23 +721,19 @@ def test_under_torchrun_it_says_it_runs_in_one_process(tmp_path, capsys, monkeyp
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
                     reason="needs wandb and moviepy (pip install wandb moviepy)")
 def test_track_with_weights_and_biases_offline_and_film_the_evaluation(tmp_path, capsys):
-    offline = {"WANDB_MODE": "offline", "WANDB_API_KEY": None, "DISPLAY": None}
-    out = run_script("reinforce.py", tmp_path, *SMALL, "--save-model", "--track", env=offline)
+    out = run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
     out = run_script("reinforce.py", tmp_path, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2",
-                     "--capture-video", "--track", env=offline)
+                     "--capture-video", "--track", env=WANDB_OFFLINE)
     assert out.returncode == 0, out.stderr
     assert [line for line in out.stderr.splitlines() if not line.startswith("wandb:")] == []  # no SDL noise, no warning
     videos = sorted(p.name for p in (tmp_path / "videos").glob("CartPole-v1__reinforce-eval__1__*/*.mp4"))
     assert videos == ["eval-0-episode-0.mp4", "eval-1-episode-0.mp4"]  # each evaluated episode, once
     unfilmed = run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(run / "model.pt"), "--eval-episodes", "2")
     assert unfilmed.stdout.splitlines()[0] == out.stdout.splitlines()[0]  # filmed or not, the same episodes
-    trained, evaluated = sorted(wandb_records(tmp_path).items(), key=lambda kv: "eval" in kv[0])
-    assert trained[0].endswith(run.name)  # the W&B run is the run: a resumed one goes on in it
-    for tag in (b"charts/episodic_return", b"losses/policy_loss", b"learning_rate", b"CartPole-v1"):
-        assert tag in trained[1], tag  # the scalars and the flags
-    assert b"eval/episodic_return" in evaluated[1] and b"eval-1-episode-0" in evaluated[1]  # and the videos
+    ((_, evaluated),) = wandb_records(tmp_path).items()  # the training run was not tracked
+    assert b"eval/episodic_return" in evaluated and b"eval-1-episode-0" in evaluated  # and the videos
     assert len(list((tmp_path / "wandb").glob("offline-run-*eval*/files/media/videos/**/*.mp4"))) == 2
 
 
