@@ -1146,8 +1146,8 @@ def as_trained(args: Args) -> Args:
     for name, value in played.items():
         given = getattr(args, name)
         if given != getattr(Args, name) and given != value:
-            as_trained_ = as_flag(name, value) if value is not None else "the id's sticky actions (set by --env-id)"
-            raise UserError(f"{as_flag(name, given)}: the model was trained with {as_trained_}, and is evaluated "
+            trained_with = as_flag(name, value) if value is not None else "the id's sticky actions (set by --env-id)"
+            raise UserError(f"{as_flag(name, given)}: the model was trained with {trained_with}, and is evaluated "
                             "on the game as trained")
     return replace(args, **played)
 
