@@ -1143,12 +1143,16 @@ def as_trained(args: Args) -> Args:
     except Exception:
         return args
     played = {name: value for name, value in trained.items() if name.startswith("atari_") and hasattr(args, name)}
+    differ = []
     for name, value in played.items():
-        given = getattr(args, name)
+        given, left_to_id = getattr(args, name), name == "atari_sticky_actions" and value is None
+        if left_to_id:  # the run left them to its id: they are the evaluated id's
+            value = sticky_actions(replace(args, atari_sticky_actions=None), env_spec(args.env_id))
         if given != getattr(Args, name) and given != value:
-            trained_with = as_flag(name, value) if value is not None else "the id's sticky actions (set by --env-id)"
-            raise UserError(f"{as_flag(name, given)}: the model was trained with {trained_with}, and is evaluated "
-                            "on the game as trained")
+            differ.append((as_flag(name, given), as_flag(name, value) + (f" ({args.env_id}'s)" if left_to_id else "")))
+    if differ:
+        raise UserError(f"{', '.join(given for given, _ in differ)}: the model was trained with "
+                        f"{', '.join(trained for _, trained in differ)}, and is evaluated on the game as trained")
     return replace(args, **played)
 
 

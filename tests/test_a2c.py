@@ -817,8 +817,8 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     assert "|atari_sticky_actions|0.0|" in logged and "|cnn_precision|auto|" not in logged
     assert "|norm_obs|False|" in logged
     film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # the game on film, as the agent saw it
-    out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",
-                   str(run / "model.pt"), "--eval-episodes", "1", *film)
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "PongNoFrameskip-v4", "--eval-checkpoint",  # with the sticky
+                   str(run / "model.pt"), "--eval-episodes", "1", "--atari-sticky-actions", "0", *film)  # actions used
     assert out.returncode == 0, out.stderr
     score = float(out.stdout.split("eval: 1 episode of PongNoFrameskip-v4: return ")[1].split()[0])
     assert -21 <= score <= -15  # an untrained agent loses nearly every point
@@ -833,10 +833,12 @@ def test_atari_smoke_train_save_evaluate_and_resume(tmp_path, capsys):
     assert read_steps(run, "charts/SPS") == [200, 400]  # each step logged once
     assert steps_of_the_last_writer(run, "charts/SPS") == [400]  # the resumed run's own: it went on, not over
     # Evaluated, a model plays the game as trained: an --atari-* flag that differs is one line, not ignored.
-    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-frame-skip", "2"), "a2c.py",
-                   "--atari-frame-skip 2: the model was trained with --atari-frame-skip 4")
+    one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-frame-skip", "2",
+                            "--atari-noop-max", "10"), "a2c.py", "--atari-noop-max 10, --atari-frame-skip 2: the model "
+                   "was trained with --atari-noop-max 30, --atari-frame-skip 4")
     one_line_error(run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--atari-sticky-actions", "0.25"),
-                   "a2c.py", "--atari-sticky-actions 0.25: the model was trained with the id's sticky actions")
+                   "a2c.py", "--atari-sticky-actions 0.25: the model was trained with --atari-sticky-actions 0.0 "
+                   "(PongNoFrameskip-v4's)")
 
 
 def test_training_films_games_on_record_video_s_schedule():
