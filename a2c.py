@@ -1160,24 +1160,25 @@ def restore_running_stats(rms, stats: Optional[dict]) -> None:
 
 
 def as_trained(args: Args) -> Args:
-    """`args` with the checkpoint's --atari-* flags: a model plays the game it was trained on (frame skip,
-    stack, sticky actions, ...); one given otherwise is one line. A file that is no checkpoint of ours is left
-    to `load_checkpoint` to report."""
+    """`args` with the checkpoint's --atari-* flags: a model plays the game it was trained on (frame skip, stack,
+    ...), and one given otherwise is one line. Sticky actions are the evaluation's to choose (the game's
+    randomness, not what the network sees): --atari-sticky-actions, else the run's, else the evaluated id's.
+    A file that is no Atari checkpoint of this script is left to `load_checkpoint` to report."""
     try:
-        trained = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)["args"]
+        checkpoint = torch.load(args.eval_checkpoint, map_location="cpu", weights_only=True)
+        trained = checkpoint["args"]
+        if checkpoint["script"] != SCRIPT or not is_atari(env_spec(trained["env_id"])):
+            return args
     except Exception:
         return args
     played = {name: value for name, value in trained.items() if name.startswith("atari_") and hasattr(args, name)}
-    differ = []
-    for name, value in played.items():
-        given, left_to_id = getattr(args, name), name == "atari_sticky_actions" and value is None
-        if left_to_id:  # the run left them to its id: they are the evaluated id's
-            value = sticky_actions(replace(args, atari_sticky_actions=None), env_spec(args.env_id))
-        if given != getattr(Args, name) and given != value:
-            differ.append((as_flag(name, given), as_flag(name, value) + (f" ({args.env_id}'s)" if left_to_id else "")))
+    if args.atari_sticky_actions is not None:
+        played["atari_sticky_actions"] = args.atari_sticky_actions
+    differ = [(as_flag(name, getattr(args, name)), as_flag(name, value)) for name, value in played.items()
+              if getattr(args, name) not in (getattr(Args, name), value)]
     if differ:
         raise UserError(f"{', '.join(given for given, _ in differ)}: the model was trained with "
-                        f"{', '.join(trained for _, trained in differ)}, and is evaluated on the game as trained")
+                        f"{', '.join(was for _, was in differ)}, and is evaluated on the game as trained")
     return replace(args, **played)
 
 

@@ -93,11 +93,12 @@ def after_this_second():
     time.sleep(1 - time.time() % 1)
 
 
-def interrupt_script(module, script, cwd, capsys, *argv, timeout=120):
+def interrupt_script(module, script, cwd, capsys, *argv, timeout=120, grace=60):
     """Two runs of `argv`, each in its own folder under `cwd`, stopped once it has logged charts/SPS (a training
     iteration): one in a fresh process by Ctrl-C (SIGINT), one in this process by SIGTERM (what `kill`, `timeout`
-    and cluster schedulers send; unhandled, it would end this process and fail the test loudly). Returns
-    [(signum, the finished run, its folder)]."""
+    and cluster schedulers send). Returns [(signum, the finished run, its folder)]. A run in this process that
+    ignores SIGTERM ends this process: unhandled, at once; handled but not obeyed within `grace` seconds, by
+    SIGKILL. Either way the test fails loudly rather than waiting for the run to end."""
     folders = {signum: Path(cwd) / signal.Signals(signum).name for signum in (signal.SIGINT, signal.SIGTERM)}
     for folder in folders.values():
         folder.mkdir(parents=True, exist_ok=True)
@@ -106,15 +107,22 @@ def interrupt_script(module, script, cwd, capsys, *argv, timeout=120):
     proc = subprocess.Popen([sys.executable, str(ROOT / script), *argv], cwd=folders[signal.SIGINT],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    here_runs = threading.Event()
-    here_runs.set()
+    here_done = threading.Event()
+
+    def sigterm_here():
+        if not here_done.is_set():
+            os.kill(os.getpid(), signal.SIGTERM)
+            if not here_done.wait(grace):
+                os.kill(os.getpid(), signal.SIGKILL)
     sends = {signal.SIGINT: lambda: proc.poll() is None and proc.send_signal(signal.SIGINT),
-             signal.SIGTERM: lambda: here_runs.is_set() and os.kill(os.getpid(), signal.SIGTERM)}
+             signal.SIGTERM: sigterm_here}
 
     def stop_each_once_it_trains():
         deadline, waiting = time.time() + timeout, dict(folders)
         try:
             while waiting and time.time() < deadline:
+                if here_done.is_set():  # it ended on its own (a failure): nothing to stop here
+                    waiting.pop(signal.SIGTERM, None)
                 for signum, folder in list(waiting.items()):
                     events = list(folder.glob("runs/*/events.*"))
                     if events and b"charts/SPS" in events[0].read_bytes():  # tags are text
@@ -124,14 +132,17 @@ def interrupt_script(module, script, cwd, capsys, *argv, timeout=120):
         finally:  # at the deadline, or if this thread fails: no run is left to train forever
             for signum in waiting:
                 sends[signum]()
-    stopper = threading.Thread(target=stop_each_once_it_trains)
+    stopper = threading.Thread(target=stop_each_once_it_trains, daemon=True)
     stopper.start()
     try:
         here = run_main(module, folders[signal.SIGTERM], capsys, *argv)
     finally:
-        here_runs.clear()
+        here_done.set()
         stopper.join()
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()  # nothing once it has ended; else no run is left behind
     return [(signal.SIGINT, subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr),
              folders[signal.SIGINT]), (signal.SIGTERM, here, folders[signal.SIGTERM])]
 

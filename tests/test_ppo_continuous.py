@@ -936,7 +936,8 @@ def test_ctrl_c_and_sigterm_save_model_statistics_and_logs(tmp_path, capsys):
         assert "Traceback" not in out.stderr
         assert f"stopped by {'Ctrl-C' if signum == signal.SIGINT else 'SIGTERM'} at step" in out.stdout
         (run,) = (folder / "runs").iterdir()
-        assert torch.load(run / "model.pt", weights_only=True)["obs_rms"]["count"] >= 256
+        ckpt = torch.load(run / "model.pt", weights_only=True)
+        assert ckpt["obs_rms"]["count"] >= 256 and ckpt["global_step"] < 10_000_000  # stopped early
         assert read_tags(run)[0]["charts/SPS"]
 
 
