@@ -54,8 +54,8 @@ class Args:
     cuda: bool = False
     """if toggled, train on the GPU (off: small MLPs are faster on the CPU)"""
     capture_video: bool = False
-    """if toggled, record videos to `videos/RUN/` (needs moviepy): of env 0 while training; with --eval-checkpoint,
-    of every evaluated episode"""
+    """if toggled, record videos to `videos/RUN/` (needs moviepy): of env 0 while training
+    (episodes 0, 1, 8, 27, ..., then every 1000th); with --eval-checkpoint, of every evaluated episode"""
     track: bool = False
     """if toggled, this experiment will be tracked with Weights and Biases (needs wandb): the TensorBoard
     scalars, the flags, and the videos"""
