@@ -679,7 +679,7 @@ def as_used(args: Args, frames: bool, device: torch.device) -> dict:
     leaves the choice to the env or the machine. The checkpoint keeps them as given: evaluated elsewhere, a
     model's --cnn-precision auto is that machine's, its unset sticky actions the id's it is evaluated on."""
     used = asdict(args)
-    if frames:  # and neither normalised: the network scales frames to [0, 1] (Atari: --atari-clip-reward)
+    if frames:  # frames are never normalised: the network scales them to [0, 1] (Atari: --atari-clip-reward)
         used["cnn_precision"] = "bfloat16" if use_bf16(args.cnn_precision, frames, device) else "float32"
         used["norm_obs"] = used["norm_reward"] = False
     spec = env_spec(args.env_id)
@@ -1439,6 +1439,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     if not resume:  # a resumed run's flags are its checkpoint's, which may predate this check
         check_flags_apply(args, frames)
     device = select_device(args)
+    hyperparameters = as_used(args, frames, device)  # as logged: what auto and unset flags became
     ranks = join_ranks(device)
     run_name = f"{folder_name(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     seed_everything(args, frames)
@@ -1450,7 +1451,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             run_dir = make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
         episode_stats = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs,
                                   run_name)
-        tracker = start_tracking(args, run_dir, as_used(args, frames, device)) if args.track and ranks.rank == 0 else None
+        tracker = start_tracking(args, run_dir, hyperparameters) if args.track and ranks.rank == 0 else None
 
     envs, obs_norm, reward_norm = add_normalization(episode_stats, args.norm_obs and not frames,
                                                     args.norm_reward and not frames, args.gamma)
@@ -1482,7 +1483,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
     note_run_dir(run_dir, ranks)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in as_used(args, frames, device).items()))
+                    "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items()))
 
     batch_size = args.num_envs * args.num_steps  # this rank's; an update takes every rank's
     num_updates = args.total_timesteps // (batch_size * ranks.size)

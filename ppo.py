@@ -1419,6 +1419,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     if not resume:  # a resumed run's flags are its checkpoint's, which may predate this check
         check_flags_apply(args, frames)
     device = select_device(args)
+    hyperparameters = as_used(args, frames, device)  # as logged: what auto and unset flags became
     ranks = join_ranks(device)
     run_name = f"{folder_name(args.env_id)}__{args.exp_name}__{args.seed}__{int(time.time())}"
     seed_everything(args, frames)
@@ -1429,7 +1430,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         else:
             run_dir = make_run_dir(run_name, args.capture_video) if ranks.rank == 0 else None
         envs = make_envs(replace(args, capture_video=args.capture_video and ranks.rank == 0), args.num_envs, run_name)
-        tracker = start_tracking(args, run_dir, as_used(args, frames, device)) if args.track and ranks.rank == 0 else None
+        tracker = start_tracking(args, run_dir, hyperparameters) if args.track and ranks.rank == 0 else None
 
     obs_shape, n_actions = envs.single_observation_space.shape, int(envs.single_action_space.n)
     agent = Agent(obs_shape, n_actions).to(device)
@@ -1456,7 +1457,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None) if ranks.rank == 0 else Silent()
     note_run_dir(run_dir, ranks)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
-                    "\n".join(f"|{k}|{v}|" for k, v in as_used(args, frames, device).items()))
+                    "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items()))
 
     batch_size = args.num_envs * args.num_steps  # this rank's; an iteration takes every rank's
     num_iterations = args.total_timesteps // (batch_size * ranks.size)
