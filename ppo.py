@@ -1458,6 +1458,8 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     note_run_dir(run_dir, ranks)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in hyperparameters.items()))
+    if ranks.rank == 0:  # where to point TensorBoard
+        print(f"{SCRIPT}: logs in {run_dir}/" + (f", videos in videos/{run_name}/" if args.capture_video else ""))
 
     batch_size = args.num_envs * args.num_steps  # this rank's; an iteration takes every rank's
     num_iterations = args.total_timesteps // (batch_size * ranks.size)

@@ -680,6 +680,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     writer = SummaryWriter(run_dir, purge_step=global_step + 1 if resume else None)
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" +
                     "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items()))
+    print(f"{SCRIPT}: logs in {run_dir}/" + (f", videos in videos/{run_name}/" if args.capture_video else ""))
 
     status = StatusLine(args.total_timesteps, global_step)
     recent_returns = collections.deque(maxlen=100)  # the batches' episodes, for the status line

@@ -512,6 +512,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     out = run_main(ppo, tmp_path, capsys, "--env-id", env_id, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
+    assert f"ppo.py: logs in runs/{run.name}/\n" in out.stdout  # where to point TensorBoard
     assert run.name.startswith(f"{env_id}__ppo__1__")
     tags, texts = read_tags(run)
     assert TAGS <= set(tags)
@@ -827,10 +828,15 @@ def test_a_training_run_logs_the_game_score(tmp_path, capsys, monkeypatch):
     # with (its own clipping and life-loss options) decides what reaches charts/episodic_return.
     monkeypatch.setattr(ppo.ale_py.vector_env, "AtariVectorEnv", ScriptedAtari)
     film = ["--capture-video"] if importlib.util.find_spec("moviepy") else []  # and env 0's game on film
-    tags = logged_run(tmp_path, capsys, "--env-id", "ALE/Breakout-v5", "--num-envs", "1", "--num-steps", "9",
-                      "--num-minibatches", "1", "--total-timesteps", "9", *film)
+    out = run_main(ppo, tmp_path, capsys, "--env-id", "ALE/Breakout-v5", "--num-envs", "1", "--num-steps", "9",
+                   "--num-minibatches", "1", "--total-timesteps", "9", *film)
+    assert out.returncode == 0, out.stderr
+    (run,) = (tmp_path / "runs").iterdir()
+    tags = read_tags(run)[0]
     assert tags["charts/episodic_return"] == [11.0] and tags["charts/episodic_length"] == [7]
     assert len(list(tmp_path.glob("videos/ALE-Breakout-v5__ppo__1__*/rl-video-episode-0.mp4"))) == len(film)
+    if film:  # the line says where they are
+        assert f"ppo.py: logs in runs/{run.name}/, videos in videos/{run.name}/\n" in out.stdout
 
 
 def logged_run(tmp_path, capsys, *argv):

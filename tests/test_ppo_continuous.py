@@ -288,6 +288,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     out = run_main(pc, tmp_path, capsys, "--env-id", env_id, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
+    assert f"ppo_continuous.py: logs in runs/{run.name}/\n" in out.stdout  # where to point TensorBoard
     assert run.name.startswith(f"{env_id}__ppo_continuous__1__")
     tags, texts = read_tags(run)
     assert TAGS <= set(tags)

@@ -263,6 +263,7 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     out = run_main(reinforce, tmp_path, capsys, "--env-id", env_id, *SMALL, "--save-model")
     assert out.returncode == 0, out.stderr
     (run,) = (tmp_path / "runs").iterdir()
+    assert f"reinforce.py: logs in runs/{run.name}/\n" in out.stdout  # where to point TensorBoard
     assert run.name.startswith(f"{env_id}__reinforce__1__")
     tags, texts = read_tags(run)
     assert TAGS <= set(tags)
