@@ -1046,6 +1046,10 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(run), "--gamma", "0.9"), "a2c.py",
                    "--gamma cannot change when resuming", "0.999", "0.9")
+    one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(run), "--atari-frame-skip", "2"), "a2c.py",
+                   "--atari-frame-skip 2: for Atari ids only, and CartPole-v1 is not one")  # not "the run has 4"
+    one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(run), "--cnn-precision", "float32"), "a2c.py",
+                   "--cnn-precision float32: for frames only")
     steps = torch.load(run / "model.pt", weights_only=True)["global_step"]
     one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps - 1)),
                    "a2c.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")

@@ -1196,6 +1196,10 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--num-envs", "8"), "ppo.py",
                    "--num-envs cannot change when resuming", "4", "8")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--atari-frame-skip", "2"), "ppo.py",
+                   "--atari-frame-skip 2: for Atari ids only, and CartPole-v1 is not one")  # not "the run has 4"
+    one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--cnn-precision", "float32"), "ppo.py",
+                   "--cnn-precision float32: for frames only")
     steps = torch.load(run / "model.pt", weights_only=True)["global_step"]
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps - 1)),
                    "ppo.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
