@@ -801,6 +801,16 @@ def test_the_logged_flags_are_the_ones_used(monkeypatch):
     assert a2c.as_used(a2c.Args(), False, cpu) == asdict(a2c.Args())  # vectors: every flag as given
 
 
+def test_weights_and_biases_gets_the_flags_as_used(tmp_path, capsys, monkeypatch):
+    # W&B's config is the logged table: what --cnn-precision auto became on this machine, not "auto".
+    configs = []
+    monkeypatch.setattr(a2c, "start_tracking", lambda args, run_dir, config: configs.append(config))
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-steps", "2", "--total-timesteps", "64", "--track")
+    assert out.returncode == 0, out.stderr
+    (config,) = configs
+    assert config["cnn_precision"] in ("bfloat16", "float32")
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 def test_learns_a_bandit_from_frames(tmp_path, capsys, precision):
     # The frame defaults but the bandit's horizon of one step.

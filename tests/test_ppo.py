@@ -872,6 +872,16 @@ def test_the_logged_flags_are_the_ones_used(monkeypatch):
     assert ppo.as_used(ppo.Args(), False, cpu) == asdict(ppo.Args())  # vectors: every flag as given
 
 
+def test_weights_and_biases_gets_the_flags_as_used(tmp_path, capsys, monkeypatch):
+    # W&B's config is the logged table: what --cnn-precision auto became on this machine, not "auto".
+    configs = []
+    monkeypatch.setattr(ppo, "start_tracking", lambda args, run_dir, config: configs.append(config))
+    out = run_main(ppo, tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "128", "--track")
+    assert out.returncode == 0, out.stderr
+    (config,) = configs
+    assert config["cnn_precision"] in ("bfloat16", "float32")
+
+
 @pytest.mark.parametrize("precision", ["bfloat16", "float32"])
 def test_learns_a_bandit_from_frames(tmp_path, capsys, precision):
     # The frame defaults (lr 2.5e-4, clip 0.1) but a small batch, so it learns in seconds.
