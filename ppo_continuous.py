@@ -188,18 +188,33 @@ def check_args(args: Args) -> None:
 def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
     """The registered spec of `env_id`; `module:EnvId-v0` imports `module` first, as gym.make does."""
     module, _, name = env_id.rpartition(":")
+    atari = UserError(f"{env_id} is an Atari game, learned from its frames by ppo.py and a2c.py; "
+                      f"{SCRIPT} takes Box actions")
     if name.startswith("ALE/") or "NoFrameskip" in name:  # not even looked up: this script does not load ale-py
-        raise UserError(f"{env_id} is an Atari game, learned from its frames by ppo.py and a2c.py; "
-                        f"{SCRIPT} takes Box actions")
+        raise atari
     if module:
         try:
             importlib.import_module(module)
         except ImportError as e:
             raise UserError(f"cannot import {module!r} for --env-id {env_id} ({e})") from None
     try:
-        return gym.spec(name)
+        spec = gym.spec(name)
     except gym.error.Error as e:
-        raise UserError(f"unknown env id {env_id!r} ({e})") from None
+        if not (register_ale_py() and name in gym.registry):  # Breakout-v4: unknown until ale-py is loaded
+            raise UserError(f"unknown env id {env_id!r} ({e})") from None
+        spec = gym.spec(name)
+    if str(spec.entry_point).startswith("ale_py"):  # the ids of ale-py's without ALE/ or NoFrameskip
+        raise atari
+    return spec
+
+
+def register_ale_py() -> bool:
+    """Register ale-py's Atari ids, where it is installed: asked only of an id that is unknown without them."""
+    if importlib.util.find_spec("ale_py") is None:
+        return False
+    import ale_py
+    gym.register_envs(ale_py)
+    return True
 
 
 def render_offscreen(capture_video: bool) -> None:

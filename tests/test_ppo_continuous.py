@@ -684,6 +684,7 @@ def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     (["--env-id", "ALE/Breakout-v5"],
      ["ALE/Breakout-v5 is an Atari game", "ppo.py and a2c.py", "ppo_continuous.py takes Box actions"]),
     (["--env-id", "ale_py:PongNoFrameskip-v4"], ["ale_py:PongNoFrameskip-v4 is an Atari game"]),
+    (["--env-id", "Breakout-v4"], ["Breakout-v4 is an Atari game"]),  # registered by ale-py, which is not loaded
     (["--env-id", "CartPole-v1"], ["Discrete", "ppo.py"]),
     (["--num-envs", "3", "--num-steps", "5", "--num-minibatches", "4"], ["does not divide", "15"]),
     (["--num-envs", "0"], ["--num-envs must be positive"]),

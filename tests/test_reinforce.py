@@ -297,6 +297,7 @@ def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     (["--env-id", "ALE/Breakout-v5"],
      ["ALE/Breakout-v5 is an Atari game", "ppo.py and a2c.py", "reinforce.py takes vector observations"]),
     (["--env-id", "ale_py:PongNoFrameskip-v4"], ["ale_py:PongNoFrameskip-v4 is an Atari game"]),
+    (["--env-id", "Breakout-v4"], ["Breakout-v4 is an Atari game"]),  # registered by ale-py, which is not loaded
     (["--num-envs", "4", "--episodes-per-update", "6"], ["not a multiple of --num-envs 4"]),
     (["--num-envs", "0"], ["--num-envs must be positive"]),
     (["--episodes-per-update", "-2"], ["--episodes-per-update must be positive"]),
