@@ -818,7 +818,8 @@ def next_state_values(agent: ActorCritic, rollout: Rollout, values: np.ndarray, 
     known = np.zeros((n, N), values.dtype)
     known[rollout.valid] = values
     fresh = np.ones((n, N), bool)
-    fresh[:-1] = ~rollout.valid[1:] | (rollout.next_obs[:-1] != rollout.obs[1:]).reshape(n - 1, N, -1).any(-1)
+    moved = rollout.next_obs[:-1] != rollout.obs[1:]  # (n - 1, N, *obs_shape), empty when n = 1
+    fresh[:-1] = ~rollout.valid[1:] | moved.any(axis=tuple(range(2, moved.ndim)))
     next_values = np.empty_like(known)
     next_values[:-1] = known[1:]
     next_values[fresh] = agent.get_value(torch.from_numpy(rollout.next_obs[fresh]).to(device)).cpu().numpy()

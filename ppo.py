@@ -731,7 +731,8 @@ def next_state_values(agent: Agent, rollout: Rollout, values: np.ndarray, device
     SAME_STEP episode's final observation). For frames a pass of the CNN over the batch is saved."""
     T, N = values.shape
     fresh = np.ones((T, N), bool)
-    fresh[:-1] = (rollout.next_obs[:-1] != rollout.obs[1:]).reshape(T - 1, N, -1).any(-1)
+    moved = rollout.next_obs[:-1] != rollout.obs[1:]  # (T - 1, N, *obs_shape), empty when T = 1
+    fresh[:-1] = moved.any(axis=tuple(range(2, moved.ndim)))
     next_values = np.empty_like(values)
     next_values[:-1] = values[1:]
     next_values[fresh] = agent.get_value(torch.from_numpy(rollout.next_obs[fresh]).to(device)).cpu().numpy()

@@ -57,6 +57,10 @@ def test_next_state_values_reuse_the_next_steps_value_and_run_the_critic_on_the_
     np.testing.assert_allclose(next_values, [[20.5, 50.0], [90.0, 60.5], [70.0, 80.0]])
     assert sorted(critic.asked) == [5, 7, 8, 9]
 
+    # n = 1 (--num-steps 1): no next step to reuse, so the critic is asked about every next state.
+    one_step = a2c.Rollout(obs[:1], None, None, None, None, next_obs[:1], valid[:1])
+    np.testing.assert_allclose(a2c.next_state_values(Critic(), one_step, values[:2], torch.device("cpu")), [[20.0, 50.0]])
+
 
 def test_n_step_returns_with_termination_and_truncation():
     # n = 4, N = 2, γ = 0.9. Env 0 terminates at t=1 (the final state's value 9.0 is unused);

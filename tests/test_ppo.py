@@ -1055,6 +1055,10 @@ def test_next_state_values_run_the_critic_only_where_the_next_step_does_not_star
     np.testing.assert_allclose(next_values, t([[20.5, 30.5, 70.0], [90.0, 60.5, 80.0]]))
     assert sorted(critic.asked) == [7, 8, 9]
 
+    # T = 1 (--num-steps 1): no next step to reuse, so the critic is asked about every next state.
+    one_step = ppo.Rollout(obs[:1], None, None, None, None, next_obs[:1], None)
+    np.testing.assert_allclose(ppo.next_state_values(Critic(), one_step, values[:1], torch.device("cpu")), [[20.0, 90.0]])
+
 
 def test_the_frames_policy_keeps_the_log_probs_and_values_of_what_it_did():
     agent = ppo.Agent((1, 36, 36), 3)
