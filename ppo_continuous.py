@@ -144,6 +144,9 @@ class NonFiniteGradient(Exception):
 
 
 def check_args(args: Args) -> None:
+    for flag, path in (("--resume", args.resume), ("--eval-checkpoint", args.eval_checkpoint)):
+        if path == "":  # "$RUN" with RUN unset: read as not given, it would start a new run
+            raise UserError(f"{flag} was given an empty path")
     for name, value in asdict(args).items():  # NaN slips through every comparison below
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")

@@ -101,6 +101,9 @@ class NonFiniteLoss(Exception):
 
 
 def check_args(args: Args) -> None:
+    for flag, path in (("--resume", args.resume), ("--eval-checkpoint", args.eval_checkpoint)):
+        if path == "":  # "$RUN" with RUN unset: read as not given, it would start a new run
+            raise UserError(f"{flag} was given an empty path")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torchrun: N copies would train N unrelated agents
         raise UserError("runs in one process; for data-parallel ranks under torchrun use a2c.py, ppo.py "
                         "or ppo_continuous.py")

@@ -564,6 +564,8 @@ def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 10"]),
     (["--env-id", "CarRacing-v3"], ["Box", "ppo_continuous.py"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    (["--resume", ""], ["--resume was given an empty path"]),  # "$RUN" unset: not a new run
+    (["--eval-checkpoint", ""], ["--eval-checkpoint was given an empty path"]),
     (["--kl-beta", "-1"], ["--kl-beta must be 0 or more"]),
     (["--kl-dtarg", "0"], ["--kl-dtarg positive"]),
     (["--clip-coef", "None", "--clip-vloss"], ["--clip-vloss clips by --clip-coef"]),

@@ -308,6 +308,8 @@ def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     (["--seed", "99999999999", "--eval-checkpoint", "model.pt"], ["--seed must lie in [0, 2^32)"]),
     (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    (["--resume", ""], ["--resume was given an empty path"]),  # "$RUN" unset: not a new run
+    (["--eval-checkpoint", ""], ["--eval-checkpoint was given an empty path"]),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, argv, fragments):
     one_line_error(run_main(reinforce, tmp_path, capsys, *argv), "reinforce.py", *fragments)
