@@ -1563,6 +1563,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         stop.restore()
         status.update(global_step, recent_returns, force=True)
         status.close()
+        writer.flush()  # the logs up to the final checkpoint reach the disk before it, as at every save
         if args.save_model and ranks.rank == 0:
             save_checkpoint(f"{run_dir}/model.pt", args, global_step, agent, optimizer, envs, obs_norm, reward_norm,
                             rng)

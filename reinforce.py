@@ -765,6 +765,7 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
         stop.restore()
         status.update(global_step, recent_returns, force=True)
         status.close()
+        writer.flush()  # the logs up to the final checkpoint reach the disk before it, as at every save
         if args.save_model:
             save_checkpoint(f"{run_dir}/model.pt", args, global_step, policy, optimizer, envs, rng)
             print(f"{SCRIPT}: model saved to {run_dir}/model.pt ({ending(exit_code)})")

@@ -181,6 +181,46 @@ def read_steps(run_dir, tag):
     return [e.step for e in ea.Scalars(tag)]
 
 
+def watch_saves(module, monkeypatch, tag="losses/policy_loss"):
+    """[(the step each checkpoint of `module`'s run is saved at, the steps `tag` is on disk for at that moment)]:
+    a run killed after a save resumes from it and purges the logs after it, so the ones before must be there.
+    The run's SummaryWriter holds every scalar until flush() or close(), as a writer thread that has not yet
+    run would: what is on disk at a save is what the run flushed before it."""
+    from torch.utils import tensorboard
+
+    class LateWriter(tensorboard.SummaryWriter):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.held = []
+
+        def add_scalar(self, *args, **kwargs):
+            self.held.append((args, kwargs))
+
+        def flush(self):
+            for args, kwargs in self.held:
+                super().add_scalar(*args, **kwargs)
+            self.held.clear()
+            super().flush()
+
+        def close(self):
+            self.flush()
+            super().close()
+
+    seen = []
+    save = module.save_checkpoint
+
+    def look_then_save(path, args, global_step, *rest):
+        try:
+            seen.append((global_step, read_steps(os.path.dirname(path), tag)))
+        except KeyError:  # nothing of `tag` on disk yet
+            seen.append((global_step, []))
+        save(path, args, global_step, *rest)
+
+    monkeypatch.setattr(tensorboard, "SummaryWriter", LateWriter)
+    monkeypatch.setattr(module, "save_checkpoint", look_then_save)
+    return seen
+
+
 def steps_of_the_last_writer(run_dir, tag):
     """The steps `tag` was logged at in the run's newest event file (TensorBoard reads them in name order):
     what the last process to write there logged, a resumed run's own."""

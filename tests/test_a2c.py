@@ -18,7 +18,7 @@ import tyro
 from gymnasium.vector import AutoresetMode
 
 import a2c
-from conftest import (ROOT, slow_rank_0_save_as_rank, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
+from conftest import (ROOT, watch_saves, slow_rank_0_save_as_rank, run_twice, Counter, interrupt_script, fail_together_as_rank, start_alike_as_rank,
                       join_gloo, make_runs_unwritable, one_hot, one_line_error, ranks_played_alike, read_steps,
                       read_tags, run_main, run_ranks, run_script, ScriptedAtari, ShortGames, stop_one_rank,
                       collectives_then_training, free_port, toy_env_module, wandb_records, WANDB_OFFLINE, TRACKING,
@@ -278,6 +278,19 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     out = run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
     assert f"eval: 2 episodes of {env_id}" in out.stdout
+
+
+@pytest.mark.parametrize("every", ["0", "600"])  # a save each iteration and the final one; the final one alone
+def test_the_logs_are_on_disk_before_each_checkpoint(tmp_path, capsys, monkeypatch, every):
+    # Killed just after a save (the final one included: torchrun stops rank 0 when a peer dies), the run resumes
+    # from the checkpoint and purges what came after it: what came before must be on disk already.
+    saves = watch_saves(a2c, monkeypatch)
+    assert run_main(a2c, tmp_path, capsys, *SMALL, "--save-model", "--checkpoint-every", every).returncode == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    logged = read_steps(run, "losses/policy_loss")
+    assert len(saves) > 2 if every == "0" else len(saves) == 1
+    for step, on_disk in saves:
+        assert on_disk == [s for s in logged if s <= step]
 
 
 def test_adam_and_mse_run(tmp_path, capsys):

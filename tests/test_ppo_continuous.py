@@ -21,7 +21,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import ppo_continuous as pc
-from conftest import (ROOT, slow_rank_0_save_as_rank, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
+from conftest import (ROOT, watch_saves, slow_rank_0_save_as_rank, ranks_played_alike, run_twice, free_port, interrupt_script, fail_together_as_rank,
                       start_alike_as_rank, join_gloo, make_runs_unwritable, one_hot, one_line_error, read_steps,
                       read_tags, run_main, run_ranks, run_script, stop_one_rank, collectives_then_training,
                       wandb_records, WANDB_OFFLINE, TRACKING,
@@ -330,6 +330,19 @@ class OffsetTarget(gym.Env):
 
 
 gym.register("OffsetTarget-v0", entry_point=OffsetTarget, max_episode_steps=20)
+
+
+@pytest.mark.parametrize("every", ["0", "600"])  # a save each iteration and the final one; the final one alone
+def test_the_logs_are_on_disk_before_each_checkpoint(tmp_path, capsys, monkeypatch, every):
+    # Killed just after a save (the final one included: torchrun stops rank 0 when a peer dies), the run resumes
+    # from the checkpoint and purges what came after it: what came before must be on disk already.
+    saves = watch_saves(pc, monkeypatch)
+    assert run_main(pc, tmp_path, capsys, *SMALL, "--save-model", "--checkpoint-every", every).returncode == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    logged = read_steps(run, "losses/policy_loss")
+    assert len(saves) > 2 if every == "0" else len(saves) == 1
+    for step, on_disk in saves:
+        assert on_disk == [s for s in logged if s <= step]
 
 
 def eval_return(out):

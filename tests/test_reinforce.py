@@ -17,7 +17,7 @@ import torch
 from gymnasium.vector import AutoresetMode
 
 import reinforce
-from conftest import (ROOT, run_twice, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
+from conftest import (ROOT, watch_saves, run_twice, Bandit, Counter, interrupt_script, make_runs_unwritable, one_hot, one_line_error, read_steps, read_tags,
                       run_main, run_script, toy_env_module, wandb_records, WANDB_OFFLINE, TRACKING, after_this_second,
                       steps_of_the_last_writer)
 
@@ -275,6 +275,19 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     out = run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2")
     assert out.returncode == 0, out.stderr
     assert f"eval: 2 episodes of {env_id}" in out.stdout
+
+
+@pytest.mark.parametrize("every", ["0", "600"])  # a save each iteration and the final one; the final one alone
+def test_the_logs_are_on_disk_before_each_checkpoint(tmp_path, capsys, monkeypatch, every):
+    # Killed just after a save (the final one included: torchrun stops rank 0 when a peer dies), the run resumes
+    # from the checkpoint and purges what came after it: what came before must be on disk already.
+    saves = watch_saves(reinforce, monkeypatch)
+    assert run_main(reinforce, tmp_path, capsys, *SMALL, "--save-model", "--checkpoint-every", every).returncode == 0
+    (run,) = (tmp_path / "runs").iterdir()
+    logged = read_steps(run, "losses/policy_loss")
+    assert len(saves) > 2 if every == "0" else len(saves) == 1
+    for step, on_disk in saves:
+        assert on_disk == [s for s in logged if s <= step]
 
 
 def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
