@@ -1027,15 +1027,18 @@ def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
 
 
 def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and (n-1) std of the union of every rank's x: from the ranks' n, Σx, Σx² summed."""
+    """The mean and (n-1) std of the union of every rank's x: from the ranks' n, Σx, Σx² summed. Fewer than two
+    values have no std: (0, 1), which leaves them as they are (SB3's rule), where torch's std would be NaN."""
     if ranks.size == 1:
-        return x.mean(), x.std()
+        return (x.mean(), x.std()) if len(x) > 1 else (x.new_tensor(0.0), x.new_tensor(1.0))
     sums = torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
                         x.double().sum(), x.double().square().sum()]).to(ranks.device)
     dist.all_reduce(sums)
     n, total, squares = sums.tolist()
+    if n < 2:
+        return x.new_tensor(0.0), x.new_tensor(1.0)
     mean = total / n
-    var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
+    var = max(squares - n * mean * mean, 0.0) / (n - 1)
     return x.new_tensor(mean), x.new_tensor(math.sqrt(var))
 
 

@@ -1040,16 +1040,20 @@ def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
 
 def union_mean_std(xs: list[torch.Tensor], ranks: Ranks) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each x in xs, the mean and (n-1) std of the union of every rank's x (the ranks' xs match up one
-    to one): from the ranks' n, Σx, Σx² summed, all of xs in one all-reduce."""
+    to one): from the ranks' n, Σx, Σx² summed, all of xs in one all-reduce. Fewer than two values have no std:
+    (0, 1), which leaves them as they are (SB3's rule), where torch's std would be NaN."""
     if ranks.size == 1:
-        return [(x.mean(), x.std()) for x in xs]
+        return [(x.mean(), x.std()) if len(x) > 1 else (x.new_tensor(0.0), x.new_tensor(1.0)) for x in xs]
     sums = torch.stack([torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
                                      x.double().sum(), x.double().square().sum()]) for x in xs]).to(ranks.device)
     dist.all_reduce(sums)
     moments = []
     for x, (n, total, squares) in zip(xs, sums.tolist()):
+        if n < 2:
+            moments.append((x.new_tensor(0.0), x.new_tensor(1.0)))
+            continue
         mean = total / n
-        var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
+        var = max(squares - n * mean * mean, 0.0) / (n - 1)
         moments.append((x.new_tensor(mean), x.new_tensor(math.sqrt(var))))
     return moments
 

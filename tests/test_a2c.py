@@ -101,6 +101,9 @@ def test_normalize_advantages():
     # so with --norm-adv the actor's step does not depend on the scale of the returns.
     for a in (torch.tensor([1.0, 2.0, 3.0]), torch.tensor([15.0, 25.0, 35.0])):
         torch.testing.assert_close(a2c.normalize_advantages(a, a.mean(), a.std()), torch.tensor([-1.0, 0.0, 1.0]))
+    # One advantage (a batch of one valid step) has no std, NaN for torch: it is left as it is, not made NaN.
+    one = torch.tensor([3.0])
+    assert a2c.normalize_advantages(one, *a2c.union_mean_std(one, a2c.Ranks())).item() == pytest.approx(3.0)
 
 
 def test_merge_and_unmerge_moments_by_hand():

@@ -361,6 +361,14 @@ def test_value_clipping_keeps_the_critic_near_its_old_values():
     assert moved(unclipped) > 1.0
 
 
+def test_a_minibatch_of_one_advantage_is_left_as_it_is():
+    # One advantage has no std (NaN for torch): --num-minibatches as large as the batch, less its reset steps.
+    one, three = torch.tensor([3.0]), torch.tensor([1.0, 2.0, 3.0])
+    (m1, s1), (m3, s3) = ppo.union_mean_std([one, three], ppo.Ranks())
+    assert ppo.normalize_advantages(one, m1, s1).item() == pytest.approx(3.0)
+    torch.testing.assert_close(ppo.normalize_advantages(three, m3, s3), torch.tensor([-1.0, 0.0, 1.0]))
+
+
 def test_advantage_normalisation_ignores_a_constant_shift():
     # (Â + c - mean) / std = (Â - mean) / std: normalised, adding 10 to every advantage changes nothing;
     # unnormalised, it pushes up the probability of every action taken, and the update differs.
