@@ -49,7 +49,10 @@ def threshold(env_id):
         gym.register_envs(ale_py)
     except ImportError:
         pass
-    return gym.spec(env_id).reward_threshold
+    try:
+        return gym.spec(env_id).reward_threshold
+    except gym.error.Error:  # a custom env's run folder (mypkg-MyEnv-v0 for mypkg:MyEnv-v0): no threshold known
+        return None
 
 
 def read_scalars(run_dir, tag):

@@ -26,9 +26,11 @@ def test_runs_are_grouped_by_experiment_and_env_and_read_as_logged(tmp_path):
     fake_run(tmp_path, "CartPole-v1__ppo__1__100", [10.0, 20.0, 30.0], [100, 200, 300])
     fake_run(tmp_path, "CartPole-v1__ppo__2__100", [40.0, 50.0], [150, 250])
     fake_run(tmp_path, "CartPole-v1__fast__1__100", [5.0], [100])  # --exp-name fast: its own group
-    runs = sorted(plot.read(str(tmp_path)), key=lambda r: (r["script"], r["seed"]))
+    fake_run(tmp_path, "mypkg-MyEnv-v0__ppo__1__100", [1.0], [100])  # mypkg:MyEnv-v0's folder: no threshold known
+    runs = sorted(plot.read(str(tmp_path)), key=lambda r: (r["script"], r["env_id"], r["seed"]))
     assert [(r["script"], r["env_id"], r["seed"]) for r in runs] == [
-        ("fast", "CartPole-v1", 1), ("ppo", "CartPole-v1", 1), ("ppo", "CartPole-v1", 2)]
+        ("fast", "CartPole-v1", 1), ("ppo", "CartPole-v1", 1), ("ppo", "CartPole-v1", 2), ("ppo", "mypkg-MyEnv-v0", 1)]
+    assert runs[1]["threshold"] == 475.0 and runs[3]["threshold"] is None
     assert runs[1]["curve"]["returns"] == [10.0, 20.0, 30.0] and runs[1]["curve"]["steps"] == [100, 200, 300]
     assert runs[2]["curve"]["returns"] == [40.0, 50.0]
 
