@@ -214,8 +214,9 @@ def check_args(args: Args) -> None:
         raise UserError(f"--atari-sticky-actions must lie in [0, 1], got {args.atari_sticky_actions}")
     if not 0.0 < args.gamma <= 1.0:
         raise UserError("--gamma must lie in (0, 1]")
-    if args.learning_rate <= 0 or args.max_grad_norm <= 0:
-        raise UserError("--learning-rate and --max-grad-norm must be positive")
+    for name, value in dict(learning_rate=args.learning_rate, max_grad_norm=args.max_grad_norm).items():
+        if value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,8 +222,11 @@ def check_args(args: Args) -> None:
         raise UserError(f"--atari-sticky-actions must lie in [0, 1], got {args.atari_sticky_actions}")
     if not 0.0 < args.gamma <= 1.0 or not 0.0 <= args.gae_lambda <= 1.0:
         raise UserError("--gamma must lie in (0, 1] and --gae-lambda in [0, 1]")
-    if args.learning_rate <= 0 or args.clip_coef <= 0 or args.max_grad_norm <= 0:
-        raise UserError("--learning-rate, --clip-coef and --max-grad-norm must be positive")
+    positive = dict(learning_rate=args.learning_rate, clip_coef=args.clip_coef, max_grad_norm=args.max_grad_norm,
+                    target_kl=args.target_kl)  # None: no early stop
+    for name, value in positive.items():
+        if value is not None and value <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
     if args.clip_coef == NO_CLIPPING and args.clip_vloss:
         raise UserError("--clip-vloss clips by --clip-coef, which is None: give a --clip-coef or --no-clip-vloss")
     if args.kl_beta < 0 or (args.kl_dtarg is not None and args.kl_dtarg <= 0):

@@ -332,6 +332,7 @@ def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 16"]),
     (["--env-id", "CarRacing-v3"], ["CarRacing-v3 has observation space", "(96, 96, 3)"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    (["--max-grad-norm", "0"], ["--max-grad-norm must be positive, got 0.0"]),
     (["--resume", ""], ["--resume was given an empty path"]),  # "$RUN" unset: not a new run
     (["--eval-checkpoint", ""], ["--eval-checkpoint was given an empty path"]),
     # A flag for frames or Atari, given where it would do nothing (ImageBandit-v0: frames, but no Atari game).

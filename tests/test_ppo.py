@@ -585,6 +585,7 @@ def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     (["--env-id", "ALE/Breakout-v5", "--seed", str(2**31 - 5)], ["--seed must be less than 2^31 - 10"]),
     (["--env-id", "CarRacing-v3"], ["Box", "ppo_continuous.py"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    (["--target-kl", "0"], ["--target-kl must be positive, got 0.0"]),  # None turns the early stop off
     (["--resume", ""], ["--resume was given an empty path"]),  # "$RUN" unset: not a new run
     (["--eval-checkpoint", ""], ["--eval-checkpoint was given an empty path"]),
     (["--kl-beta", "-1"], ["--kl-beta must be 0 or more"]),

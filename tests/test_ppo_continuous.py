@@ -719,6 +719,7 @@ def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     (["--learning-rate", "nan"], ["--learning-rate must be a finite number, got nan"]),
     (["--obs-clip", "nan"], ["--obs-clip must be a finite number"]),
     (["--checkpoint-every", "-1"], ["--checkpoint-every must be 0 or more seconds"]),
+    (["--target-kl", "0"], ["--target-kl must be positive, got 0.0"]),  # None turns the early stop off
     (["--resume", ""], ["--resume was given an empty path"]),  # "$RUN" unset: not a new run
     (["--eval-checkpoint", ""], ["--eval-checkpoint was given an empty path"]),
     (["--kl-beta", "-1"], ["--kl-beta must be 0 or more"]),
