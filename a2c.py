@@ -1260,6 +1260,9 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
     if args.total_timesteps < ckpt["global_step"]:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
                         "the run has taken: resume it with more")
+    if args.total_timesteps == ckpt["global_step"] and speaks():  # a finished run: say why nothing happens
+        print(f"{SCRIPT}: the run has taken all {args.total_timesteps} of its --total-timesteps; resume it with more to "
+              "train on")
     ckpt["run_dir"] = os.path.dirname(os.path.abspath(path))
     return replace(args, save_model=True), ckpt
 

@@ -1243,6 +1243,7 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
                    "ppo.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
     out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "None")  # unset: the run's own
     assert out.returncode == 0, out.stderr
+    assert f"ppo.py: the run has taken all {steps} of its --total-timesteps" in out.stdout  # finished: says so
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "ppo.py",
                    "no checkpoint at")
     old = torch.load(run / "model.pt", weights_only=True)

@@ -665,6 +665,9 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     steps = torch.load(run / "model.pt", weights_only=True)["global_step"]
     one_line_error(run_main(reinforce, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps - 1)),
                    "reinforce.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
+    out = run_main(reinforce, tmp_path, capsys, "--resume", str(run))  # a finished run: says so
+    assert out.returncode == 0, out.stderr
+    assert f"reinforce.py: the run has taken all {steps} of its --total-timesteps" in out.stdout
 
 
 def test_a_second_ctrl_c_stops_at_once_and_saves_as_interrupted_not_crashed(tmp_path, capsys, monkeypatch):
