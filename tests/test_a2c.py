@@ -296,6 +296,12 @@ def test_the_logs_are_on_disk_before_each_checkpoint(tmp_path, capsys, monkeypat
         assert on_disk == [s for s in logged if s <= step]
 
 
+def test_one_step_actor_critic_runs(tmp_path, capsys):
+    # n = 1, the textbook one-step actor-critic: every V(s') from the critic, and batches of one valid step.
+    out = run_main(a2c, tmp_path, capsys, "--num-envs", "1", "--num-steps", "1", "--total-timesteps", "300")
+    assert out.returncode == 0, out.stderr
+
+
 def test_adam_and_mse_run(tmp_path, capsys):
     out = run_main(a2c, tmp_path, capsys, *SMALL, "--optimizer", "adam", "--vf-loss", "mse")
     assert out.returncode == 0, out.stderr
