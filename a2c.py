@@ -859,8 +859,9 @@ def advantages(returns: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 def normalize_advantages(advantages: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                          eps: float = 1e-8) -> torch.Tensor:
-    """(A - mean A) / (std A + ε), the mean and std of one batch (all ranks' together: `union_mean_std`)."""
-    return (advantages - mean) / (std + eps)
+    """(A - mean A) / (std A + ε), the mean and std of one batch (all ranks' together: `union_mean_std`).
+    One advantage has no std (NaN): it is left as it is, SB3's rule, not made NaN."""
+    return torch.where(std.isnan(), advantages, (advantages - mean) / (std + eps))
 
 
 def actor_loss(log_probs: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
@@ -889,6 +890,8 @@ def clip_gradients(agent: nn.Module, max_norm: float) -> None:
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant (nan if Var[R]=0)."""
+    if len(targets) < 2:  # one return has no variance (and torch warns)
+        return float("nan")
     var_targets = targets.var()
     return float("nan") if var_targets == 0 else float(1 - (targets - predictions).var() / var_targets)
 
@@ -1028,18 +1031,15 @@ def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
 
 
 def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean and (n-1) std of the union of every rank's x: from the ranks' n, Σx, Σx² summed. Fewer than two
-    values have no std: (0, 1), which leaves them as they are (SB3's rule), where torch's std would be NaN."""
-    if ranks.size == 1:
-        return (x.mean(), x.std()) if len(x) > 1 else (x.new_tensor(0.0), x.new_tensor(1.0))
+    """The mean and (n-1) std of the union of every rank's x: from the ranks' n, Σx, Σx² summed."""
+    if ranks.size == 1:  # the std of one value is NaN, as below (torch's own would also warn)
+        return x.mean(), x.std() if len(x) > 1 else x.new_tensor(math.nan)
     sums = torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
                         x.double().sum(), x.double().square().sum()]).to(ranks.device)
     dist.all_reduce(sums)
     n, total, squares = sums.tolist()
-    if n < 2:
-        return x.new_tensor(0.0), x.new_tensor(1.0)
     mean = total / n
-    var = max(squares - n * mean * mean, 0.0) / (n - 1)
+    var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
     return x.new_tensor(mean), x.new_tensor(math.sqrt(var))
 
 

@@ -532,8 +532,9 @@ def gae(rewards: np.ndarray, values: np.ndarray, next_values: np.ndarray, termin
 
 def normalize_advantages(advantages: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
                          eps: float = 1e-8) -> torch.Tensor:
-    """(Â - mean Â) / (std Â + ε), the mean and std of one minibatch (all ranks' together: `union_mean_std`)."""
-    return (advantages - mean) / (std + eps)
+    """(Â - mean Â) / (std Â + ε), the mean and std of one minibatch (all ranks' together: `union_mean_std`).
+    One advantage has no std (NaN): it is left as it is, SB3's rule, not made NaN."""
+    return torch.where(std.isnan(), advantages, (advantages - mean) / (std + eps))
 
 
 def clipped_surrogate_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_coef: float) -> torch.Tensor:
@@ -599,6 +600,8 @@ def clip_gradients(agent: nn.Module, max_norm: float) -> None:
 
 def explained_variance(predictions: torch.Tensor, targets: torch.Tensor) -> float:
     """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant (nan if Var[R]=0)."""
+    if len(targets) < 2:  # one return has no variance (and torch warns)
+        return float("nan")
     var_targets = targets.var()
     return float("nan") if var_targets == 0 else float(1 - (targets - predictions).var() / var_targets)
 
@@ -806,20 +809,16 @@ def all_ranks_stop(stop: "StopRequest", ranks: Ranks) -> bool:
 
 def union_mean_std(xs: list[torch.Tensor], ranks: Ranks) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """For each x in xs, the mean and (n-1) std of the union of every rank's x (the ranks' xs match up one
-    to one): from the ranks' n, Σx, Σx² summed, all of xs in one all-reduce. Fewer than two values have no std:
-    (0, 1), which leaves them as they are (SB3's rule), where torch's std would be NaN."""
-    if ranks.size == 1:
-        return [(x.mean(), x.std()) if len(x) > 1 else (x.new_tensor(0.0), x.new_tensor(1.0)) for x in xs]
+    to one): from the ranks' n, Σx, Σx² summed, all of xs in one all-reduce."""
+    if ranks.size == 1:  # the std of one value is NaN, as below (torch's own would also warn)
+        return [(x.mean(), x.std() if len(x) > 1 else x.new_tensor(math.nan)) for x in xs]
     sums = torch.stack([torch.stack([torch.tensor(float(len(x)), dtype=torch.float64, device=x.device),
                                      x.double().sum(), x.double().square().sum()]) for x in xs]).to(ranks.device)
     dist.all_reduce(sums)
     moments = []
     for x, (n, total, squares) in zip(xs, sums.tolist()):
-        if n < 2:
-            moments.append((x.new_tensor(0.0), x.new_tensor(1.0)))
-            continue
         mean = total / n
-        var = max(squares - n * mean * mean, 0.0) / (n - 1)
+        var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
         moments.append((x.new_tensor(mean), x.new_tensor(math.sqrt(var))))
     return moments
 

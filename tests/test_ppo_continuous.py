@@ -558,6 +558,7 @@ def test_a_minibatch_of_one_advantage_is_left_as_it_is():
     # One advantage has no std (NaN for torch): --num-minibatches as large as the batch, less its reset steps.
     one, three = torch.tensor([3.0]), torch.tensor([1.0, 2.0, 3.0])
     (m1, s1), (m3, s3) = pc.union_mean_std([one, three], pc.Ranks())
+    assert m1.item() == 3.0 and s1.isnan()  # the mean is the value: the adaptive β's mean KL of one step is its KL
     assert pc.normalize_advantages(one, m1, s1).item() == pytest.approx(3.0)
     torch.testing.assert_close(pc.normalize_advantages(three, m3, s3), torch.tensor([-1.0, 0.0, 1.0]))
 
