@@ -1246,9 +1246,6 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
     if args.total_timesteps < ckpt["global_step"]:
         raise UserError(f"--total-timesteps {args.total_timesteps} is less than the {ckpt['global_step']} steps "
                         "the run has taken: resume it with more")
-    if args.total_timesteps == ckpt["global_step"] and speaks():  # a finished run: say why nothing happens
-        print(f"{SCRIPT}: the run has taken all {args.total_timesteps} of its --total-timesteps; resume it with more to "
-              "train on")
     ckpt["run_dir"] = os.path.dirname(os.path.abspath(path))
     return replace(args, save_model=True), ckpt
 
@@ -1478,6 +1475,9 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
 
     batch_size = args.num_envs * args.num_steps  # this rank's; an iteration takes every rank's
     num_iterations = args.total_timesteps // (batch_size * ranks.size)
+    if resume and global_step // (batch_size * ranks.size) >= num_iterations and ranks.rank == 0:  # why nothing happens
+        print(f"{SCRIPT}: the run has done all {num_iterations} iterations of its --total-timesteps {args.total_timesteps}; "
+              "resume it with more to train on")
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_shape, np.uint8 if frames else np.float32)
     first_step = global_step
     status = StatusLine(num_iterations * batch_size * ranks.size, first_step) if ranks.rank == 0 else Silent()

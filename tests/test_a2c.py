@@ -1094,7 +1094,9 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
                    "a2c.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
     out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "None")  # unset: the run's own
     assert out.returncode == 0, out.stderr
-    assert f"a2c.py: the run has taken all {steps} of its --total-timesteps" in out.stdout  # finished: says so
+    assert "a2c.py: the run has done all 64 updates of its --total-timesteps 4096" in out.stdout  # finished: says so
+    out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps + 63))  # < 1 batch more
+    assert out.returncode == 0 and "the run has done all 64 updates of its --total-timesteps 4159" in out.stdout
     one_line_error(run_main(a2c, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "a2c.py",
                    "no checkpoint at")
     out = run_main(a2c, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "8192")  # train longer: allowed

@@ -1244,7 +1244,9 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
                    "ppo.py", f"--total-timesteps {steps - 1} is less than the {steps} steps the run has taken")
     out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", "None")  # unset: the run's own
     assert out.returncode == 0, out.stderr
-    assert f"ppo.py: the run has taken all {steps} of its --total-timesteps" in out.stdout  # finished: says so
+    assert "ppo.py: the run has done all 4 iterations of its --total-timesteps 2048" in out.stdout  # finished: says so
+    out = run_main(ppo, tmp_path, capsys, "--resume", str(run), "--total-timesteps", str(steps + 511))  # < 1 batch more
+    assert out.returncode == 0 and "the run has done all 4 iterations of its --total-timesteps 2559" in out.stdout
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(tmp_path / "nothing")), "ppo.py",
                    "no checkpoint at")
     old = torch.load(run / "model.pt", weights_only=True)
