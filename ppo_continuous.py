@@ -201,24 +201,22 @@ def env_spec(env_id: str) -> gym.envs.registration.EnvSpec:
             importlib.import_module(module)
         except ImportError as e:
             raise UserError(f"cannot import {module!r} for --env-id {env_id} ({e})") from None
+    if name not in gym.registry:  # Breakout-v4 is unknown until ale-py is loaded (and a typo's message lists its ids)
+        register_ale_py()
     try:
         spec = gym.spec(name)
     except gym.error.Error as e:
-        if not (register_ale_py() and name in gym.registry):  # Breakout-v4: unknown until ale-py is loaded
-            raise UserError(f"unknown env id {env_id!r} ({e})") from None
-        spec = gym.spec(name)
+        raise UserError(f"unknown env id {env_id!r} ({e})") from None
     if str(spec.entry_point).startswith("ale_py"):  # the ids of ale-py's without ALE/ or NoFrameskip
         raise atari
     return spec
 
 
-def register_ale_py() -> bool:
-    """Register ale-py's Atari ids, where it is installed: asked only of an id that is unknown without them."""
-    if importlib.util.find_spec("ale_py") is None:
-        return False
-    import ale_py
-    gym.register_envs(ale_py)
-    return True
+def register_ale_py() -> None:
+    """Register ale-py's Atari ids, where it is installed: done only for an id that is not registered without them."""
+    if importlib.util.find_spec("ale_py") is not None:
+        import ale_py
+        gym.register_envs(ale_py)
 
 
 def render_offscreen(capture_video: bool) -> None:
