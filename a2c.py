@@ -1251,8 +1251,8 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
     args = tyro.cli(Args, args=argv, default=saved, description=__doc__.split("\n\n")[0])
     for name, value in asdict(args).items():
         if name not in RESUMABLE and value != getattr(saved, name):
-            # An --atari-* or --cnn-precision flag that would do nothing on this env says that first.
-            check_flags_apply(replace(Args(env_id=saved.env_id), **{name: value}), observes_frames(saved.env_id))
+            if name in ATARI_ONLY + FRAMES_ONLY:  # one that would do nothing on this env says that instead
+                check_flags_apply(replace(Args(env_id=saved.env_id), **{name: value}), observes_frames(saved.env_id))
             raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
                             f"{getattr(saved, name)!r}, given {value!r}")
     if args.total_timesteps is None:  # given as None: unset, so the run's own
