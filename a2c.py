@@ -1038,7 +1038,7 @@ def union_mean_std(x: torch.Tensor, ranks: Ranks) -> tuple[torch.Tensor, torch.T
                         x.double().sum(), x.double().square().sum()]).to(ranks.device)
     dist.all_reduce(sums)
     n, total, squares = sums.tolist()
-    mean = total / n
+    mean = total / n if n else float("nan")  # no valid step on any rank (each a reset step): as torch's mean of none
     var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
     return x.new_tensor(mean), x.new_tensor(math.sqrt(var))
 

@@ -815,7 +815,7 @@ def union_mean_std(xs: list[torch.Tensor], ranks: Ranks) -> list[tuple[torch.Ten
     dist.all_reduce(sums)
     moments = []
     for x, (n, total, squares) in zip(xs, sums.tolist()):
-        mean = total / n
+        mean = total / n if n else float("nan")  # no valid step on any rank: as torch's mean of none
         var = max(squares - n * mean * mean, 0.0) / (n - 1) if n > 1 else float("nan")  # as torch's std of one
         moments.append((x.new_tensor(mean), x.new_tensor(math.sqrt(var))))
     return moments

@@ -3,6 +3,7 @@ signs of the combined loss, the rollout's episode boundaries, and the script end
 
 from dataclasses import asdict
 import importlib.util
+import math
 import os
 import signal
 import subprocess
@@ -1212,7 +1213,9 @@ def collectives_as_rank(rank):
     for rollout in (data[:3], data[3:]):
         rms.update(rollout)
         statistics.merge()
-    return (update, (rms.mean, rms.var, rms.count, a2c.union_mean_std(torch.from_numpy(data[:, 0]).float(), ranks)),
+    none, one = torch.zeros(0), torch.tensor([3.0] if rank == 0 else [])  # every step a reset step; one valid in all
+    moments = [a2c.union_mean_std(x, ranks) for x in (torch.from_numpy(data[:, 0]).float(), none, one)]
+    return (update, (rms.mean, rms.var, rms.count, *moments),
             fail_together_as_rank(a2c, ranks),
             start_alike_as_rank(a2c, a2c.ActorCritic((2,), gym.spaces.Discrete(2)), ranks))
 
@@ -1242,12 +1245,14 @@ def test_an_update_by_two_ranks_on_half_a_batch_each_is_the_update_on_the_whole_
 def test_merged_running_statistics_are_those_of_the_union(two_ranks):
     union = np.concatenate([np.arange(12.0).reshape(6, 2), np.arange(12.0).reshape(6, 2) * 2 + 10])
     ranks = [statistics for _, statistics, *_ in two_ranks[0]]
-    for mean, var, count, (m, s) in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
+    for mean, var, count, (m, s), of_none, of_one in ranks:  # the prior (count 1e-4: mean 0, variance 1) barely moves them
         np.testing.assert_allclose(mean, union.mean(0), rtol=1e-4)
         np.testing.assert_allclose(var, union.var(0), rtol=1e-4)
         assert count == pytest.approx(12, abs=1e-3)
         # The advantages' normalisation takes the union's mean and (n-1) std too.
         assert (m.item(), s.item()) == pytest.approx((union[:, 0].mean(), union[:, 0].std(ddof=1)), rel=1e-6)
+        # As torch's alone: no values, NaN and NaN (not a ZeroDivisionError); one value, itself and NaN.
+        assert all(math.isnan(x.item()) for x in of_none) and of_one[0].item() == 3.0 and math.isnan(of_one[1].item())
     assert all(np.array_equal(a, b) for a, b in zip(ranks[0][:3], ranks[1][:3]))
 
 

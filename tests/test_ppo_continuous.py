@@ -1164,6 +1164,7 @@ def collectives_as_rank(rank):
     rms.update(data, ranks)
     out["rms"] = (rms.mean, rms.var, rms.count)
     out["mean_std"] = pc.union_mean_std([torch.from_numpy(data[:, 0]).float()], ranks)[0]
+    out["of_none_and_one"] = pc.union_mean_std([torch.zeros(0), torch.tensor([3.0] if rank == 0 else [])], ranks)
     # (d) rank 0's old log-probabilities 0.5 too high: its KL estimate is e^-0.5 - 1 + 0.5 = 0.107 from the
     # first minibatch, rank 1's is 0 there (θ = θ_old); their mean, 0.053, passes --target-kl 0.01.
     if rank == 0:
@@ -1224,6 +1225,9 @@ def test_merged_running_statistics_are_those_of_the_union(collectives):
         assert count == pytest.approx(6, abs=1e-3)
         m, s = rank["mean_std"]  # the (n-1) std: sqrt(256 / 5)
         assert (m.item(), s.item()) == pytest.approx((8.0, math.sqrt(256 / 5)), rel=1e-6)
+        # As torch's alone: no values, NaN and NaN (not a ZeroDivisionError); one value, itself and NaN.
+        (m0, s0), (m1, s1) = rank["of_none_and_one"]
+        assert math.isnan(m0.item()) and math.isnan(s0.item()) and m1.item() == 3.0 and math.isnan(s1.item())
     assert all(np.array_equal(a, b) for a, b in zip(collectives[0]["rms"][:2], collectives[1]["rms"][:2]))
 
 
