@@ -726,6 +726,9 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
             first_batch = False
             global_step += batch.mask.size
             if not batch.complete:  # --total-timesteps ran out before the batch's episodes ended
+                if global_step - batch.mask.size == status.first_step:  # this process's first batch: say so
+                    print(f"{SCRIPT}: --total-timesteps ran out before {args.episodes_per_update} episodes ended: "
+                          "nothing was learned; give it more steps")
                 break
             for r, l in batch_episodes:
                 writer.add_scalar("charts/episodic_return", r, global_step)

@@ -290,6 +290,14 @@ def test_the_logs_are_on_disk_before_each_checkpoint(tmp_path, capsys, monkeypat
         assert on_disk == [s for s in logged if s <= step]
 
 
+def test_a_run_too_short_for_one_batch_says_nothing_was_learned(tmp_path, capsys):
+    # Pendulum's episodes take 200 steps; 400 steps over 4 envs end none of them.
+    out = run_main(reinforce, tmp_path, capsys, "--env-id", "Pendulum-v1", "--num-envs", "4", "--episodes-per-update", "4",
+                   "--total-timesteps", "400")
+    assert out.returncode == 0, out.stderr
+    assert "reinforce.py: --total-timesteps ran out before 4 episodes ended: nothing was learned" in out.stdout
+
+
 def test_same_seed_same_returns_tracked_or_not(tmp_path, capsys):
     # Tracked by Weights & Biases (offline) in the fresh process where wandb is installed, untracked in this one.
     returns = run_twice(reinforce, "reinforce.py", tmp_path, capsys, *SMALL, "--seed", "3",
