@@ -1214,8 +1214,8 @@ def train(args: Args, resume: Optional[dict] = None) -> None:
     batch_size = args.num_envs * args.num_steps  # this rank's; an iteration takes every rank's
     num_iterations = args.total_timesteps // (batch_size * ranks.size)
     if resume and global_step // (batch_size * ranks.size) >= num_iterations and ranks.rank == 0:  # why nothing happens
-        print(f"{SCRIPT}: the run has done all {num_iterations} iterations of its --total-timesteps {args.total_timesteps}; "
-              "resume it with more to train on")
+        print(f"{SCRIPT}: the run has done all {num_iterations} iterations of its --total-timesteps "
+              f"{args.total_timesteps}; resume it with more to train on")
     rollout = Rollout.empty(args.num_steps, args.num_envs, obs_dim, action_dim)
     first_step = global_step
     status = StatusLine(num_iterations * batch_size * ranks.size, first_step) if ranks.rank == 0 else Silent()

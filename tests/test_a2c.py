@@ -60,7 +60,8 @@ def test_next_state_values_reuse_the_next_steps_value_and_run_the_critic_on_the_
 
     # n = 1 (--num-steps 1): no next step to reuse, so the critic is asked about every next state.
     one_step = a2c.Rollout(obs[:1], None, None, None, None, next_obs[:1], valid[:1])
-    np.testing.assert_allclose(a2c.next_state_values(Critic(), one_step, values[:2], torch.device("cpu")), [[20.0, 50.0]])
+    next_values = a2c.next_state_values(Critic(), one_step, values[:2], torch.device("cpu"))
+    np.testing.assert_allclose(next_values, [[20.0, 50.0]])
 
 
 def test_n_step_returns_with_termination_and_truncation():
@@ -835,7 +836,8 @@ def test_weights_and_biases_gets_the_flags_as_used(tmp_path, capsys, monkeypatch
     # W&B's config is the logged table: what --cnn-precision auto became on this machine, not "auto".
     configs = []
     monkeypatch.setattr(a2c, "start_tracking", lambda args, run_dir, config: configs.append(config))
-    out = run_main(a2c, tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-steps", "2", "--total-timesteps", "64", "--track")
+    out = run_main(a2c, tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-steps", "2", "--total-timesteps", "64",
+                   "--track")
     assert out.returncode == 0, out.stderr
     (config,) = configs
     assert config["cnn_precision"] in ("bfloat16", "float32")

@@ -901,7 +901,8 @@ def test_weights_and_biases_gets_the_flags_as_used(tmp_path, capsys, monkeypatch
     # W&B's config is the logged table: what --cnn-precision auto became on this machine, not "auto".
     configs = []
     monkeypatch.setattr(ppo, "start_tracking", lambda args, run_dir, config: configs.append(config))
-    out = run_main(ppo, tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-envs", "4", "--num-steps", "32", "--total-timesteps", "128", "--track")
+    out = run_main(ppo, tmp_path, capsys, "--env-id", "ImageBandit-v0", "--num-envs", "4", "--num-steps", "32",
+                   "--total-timesteps", "128", "--track")
     assert out.returncode == 0, out.stderr
     (config,) = configs
     assert config["cnn_precision"] in ("bfloat16", "float32")
@@ -1082,7 +1083,8 @@ def test_next_state_values_run_the_critic_only_where_the_next_step_does_not_star
 
     # T = 1 (--num-steps 1): no next step to reuse, so the critic is asked about every next state.
     one_step = ppo.Rollout(obs[:1], None, None, None, None, next_obs[:1], None)
-    np.testing.assert_allclose(ppo.next_state_values(Critic(), one_step, values[:1], torch.device("cpu")), [[20.0, 90.0]])
+    next_values = ppo.next_state_values(Critic(), one_step, values[:1], torch.device("cpu"))
+    np.testing.assert_allclose(next_values, [[20.0, 90.0]])
 
 
 def test_the_frames_policy_keeps_the_log_probs_and_values_of_what_it_did():
