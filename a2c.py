@@ -193,12 +193,13 @@ def check_args(args: Args) -> None:
     for name, value in counts.items():
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    batch_size = args.num_envs * args.num_steps
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an update takes every rank's steps
-    if args.total_timesteps < batch_size * world_size:
-        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one update's steps "
-                        f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}"
-                        + (f", x {world_size} ranks" if world_size > 1 else "") + ")")
+    if args.eval_checkpoint is None:  # training's batches: an evaluation plays --eval-episodes episodes
+        batch_size = args.num_envs * args.num_steps
+        world_size = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an update takes every rank's steps
+        if args.total_timesteps < batch_size * world_size:
+            raise UserError(f"--total-timesteps {args.total_timesteps} is less than one update's steps "
+                            f"(--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}"
+                            + (f", x {world_size} ranks" if world_size > 1 else "") + ")")
     if looks_atari(args.env_id):  # ale-py's vector env
         if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
             raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")

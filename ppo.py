@@ -199,14 +199,15 @@ def check_args(args: Args) -> None:
     for name, value in counts.items():
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    batch_size = args.num_envs * args.num_steps
-    if batch_size % args.num_minibatches:
-        raise UserError(f"the batch (--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}) "
-                        f"does not divide into --num-minibatches {args.num_minibatches}")
-    world_size = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an iteration takes every rank's batch
-    if args.total_timesteps < batch_size * world_size:
-        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size}"
-                        + (f" x {world_size} ranks" if world_size > 1 else "") + ")")
+    if args.eval_checkpoint is None:  # training's batches: an evaluation plays --eval-episodes episodes
+        batch_size = args.num_envs * args.num_steps
+        if batch_size % args.num_minibatches:
+            raise UserError(f"the batch (--num-envs {args.num_envs} x --num-steps {args.num_steps} = {batch_size}) "
+                            f"does not divide into --num-minibatches {args.num_minibatches}")
+        world_size = int(os.environ.get("WORLD_SIZE", 1))  # under torchrun an iteration takes every rank's batch
+        if args.total_timesteps < batch_size * world_size:
+            raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch ({batch_size}"
+                            + (f" x {world_size} ranks" if world_size > 1 else "") + ")")
     if looks_atari(args.env_id):  # ale-py's vector env
         if args.seed + max(args.num_envs, args.eval_episodes) >= 2**31:  # one int32 seed per env
             raise UserError(f"--seed must be less than 2^31 - {max(args.num_envs, args.eval_episodes)} for Atari ids")

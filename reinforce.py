@@ -117,12 +117,13 @@ def check_args(args: Args) -> None:
     for name, value in counts.items():
         if value <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be positive, got {value}")
-    if args.episodes_per_update % args.num_envs:
-        raise UserError(f"--episodes-per-update {args.episodes_per_update} is not a multiple of "
-                        f"--num-envs {args.num_envs}: each env plays the same number of episodes per update")
-    if args.total_timesteps < args.episodes_per_update:  # each episode takes at least one step
-        raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch "
-                        f"(--episodes-per-update {args.episodes_per_update} episodes take at least as many steps)")
+    if args.eval_checkpoint is None:  # training's batches: an evaluation plays --eval-episodes episodes
+        if args.episodes_per_update % args.num_envs:
+            raise UserError(f"--episodes-per-update {args.episodes_per_update} is not a multiple of "
+                            f"--num-envs {args.num_envs}: each env plays the same number of episodes per update")
+        if args.total_timesteps < args.episodes_per_update:  # each episode takes at least one step
+            raise UserError(f"--total-timesteps {args.total_timesteps} is less than one batch "
+                            f"(--episodes-per-update {args.episodes_per_update} episodes take at least as many steps)")
     if args.checkpoint_every < 0:
         raise UserError(f"--checkpoint-every must be 0 or more seconds, got {args.checkpoint_every}")
     if args.capture_video and importlib.util.find_spec("moviepy") is None:

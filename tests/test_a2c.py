@@ -280,7 +280,8 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["return_rms"]["var"].item() > 0
 
     # By the run's folder, with no --env-id: the checkpoint's env.
-    out = run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2")
+    # Training's batch flags are no evaluation's business: no "less than one update's steps".
+    out = run_main(a2c, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2", "--total-timesteps", "10")
     assert out.returncode == 0, out.stderr
     assert f"eval: 2 episodes of {env_id}" in out.stdout
 

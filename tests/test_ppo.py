@@ -531,7 +531,9 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["args"]["env_id"] == env_id
 
     # By the run's folder, with no --env-id: the checkpoint's env.
-    out = run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "3")
+    # Training's batch flags are no evaluation's business: no "less than one batch", no "does not divide".
+    out = run_main(ppo, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "3",
+                   "--total-timesteps", "10", "--num-minibatches", "7")
     assert out.returncode == 0, out.stderr
     assert f"eval: 3 episodes of {env_id}" in out.stdout
     evals = [d for d in (tmp_path / "runs").iterdir() if "-eval__" in d.name]

@@ -272,7 +272,9 @@ def test_smoke_train_save_and_evaluate(tmp_path, capsys, env_id):
     assert ckpt["script"] == "reinforce.py" and ckpt["global_step"] >= 1500
 
     # By the run's folder, with no --env-id: the checkpoint's env.
-    out = run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2")
+    # Training's batch flags are no evaluation's business: no "less than one batch", no "not a multiple".
+    out = run_main(reinforce, tmp_path, capsys, "--eval-checkpoint", str(run), "--eval-episodes", "2",
+                   "--total-timesteps", "1", "--episodes-per-update", "3")
     assert out.returncode == 0, out.stderr
     assert f"eval: 2 episodes of {env_id}" in out.stdout
 
