@@ -90,6 +90,7 @@ def analyse(run_dir, start, env_id):
     out["ema_episodes"] = None if j is None else j + 1
     sps = read_scalars(run_dir, "charts/SPS")
     half = len(sps) // 2
+    out["sps"] = out["sps_window"] = None  # too short a run to measure (a2c.py logs SPS every 100th update)
     if len(sps) > 2:
         out["sps"] = float((sps[-1, 1] - sps[half, 1]) / (sps[-1, 0] - sps[half, 0]))
         out["sps_window"] = (float(sps[half, 0]), float(sps[-1, 0]))
@@ -138,8 +139,12 @@ def launch(script, env_id, seed, workdir, extra, save, python=sys.executable, la
     if save:
         cmd.append("--save-model")
     start = time.time()
-    log = open(os.path.join(workdir, f"{env_id.replace('/', '-')}__{seed}.log"), "w")
+    log = open(log_of(workdir, env_id, seed), "w")
     return subprocess.Popen(cmd, cwd=workdir, stdout=log, stderr=subprocess.STDOUT), start, cmd
+
+
+def log_of(workdir, env_id, seed):
+    return os.path.join(workdir, f"{env_id.replace('/', '-')}__{seed}.log")
 
 
 def run_dir_of(workdir, env_id, seed):
@@ -159,6 +164,12 @@ def evaluate(script, env_id, seed, workdir):
 
 def fmt(x, digits=1):
     return "—" if x is None else f"{x:.{digits}f}"
+
+
+def median(values):
+    """The median of the values that were measured (None: too short a run), or None if none was."""
+    measured = [v for v in values if v is not None]
+    return float(np.median(measured)) if measured else None
 
 
 def table(results):
@@ -182,7 +193,7 @@ def table(results):
             f"| {fmt(float(np.median(ema)) if len(ema) >= len(runs) / 2 else None)} "
             f"| {finals.mean():.1f} ± {finals.std():.1f} (min {finals.min():.1f}) "
             f"| {fmt(float(np.mean(evals)) if evals else None)} "
-            f"| {np.median([r['sps'] for r in runs]):.0f} | {ratio_cells(runs)} |")
+            f"| {fmt(median([r['sps'] for r in runs]), 0)} | {ratio_cells(runs)} |")
     return "\n".join(lines)
 
 
@@ -262,7 +273,7 @@ def main():
     # stepper beside them: it slows a run a little, so those runs give only the SPS ratio.
     queue = [(env_id, seed, False) for env_id in a.env_ids for seed in a.seeds]
     queue += [(env_id, seed, True) for env_id in a.env_ids for seed in a.seeds[:a.ratio_runs]]
-    running, results, ratios = [], [], {}
+    running, results, ratios, failed = [], [], {}, 0
     while queue or running:
         while queue and len(running) < a.parallel and not (running and queue[0][2]):
             env_id, seed, beside = queue.pop(0)
@@ -283,7 +294,9 @@ def main():
             running.remove(item)
             stopped = proc.returncode in (143, -signal.SIGTERM)  # SIGTERM: ours saves and exits 143, a peer dies of it
             if proc.returncode != 0 and not (stopped and not beside):
-                print(f"FAILED ({proc.returncode}): {' '.join(cmd)}", file=sys.stderr)
+                print(f"FAILED ({proc.returncode}): {' '.join(cmd)}; its output: {log_of(sub, env_id, seed)}",
+                      file=sys.stderr)
+                failed += 1
                 continue
             try:
                 r = analyse(run_dir_of(sub, env_id, seed), start, env_id)
@@ -291,6 +304,9 @@ def main():
                 if not stopped:
                     raise
                 print(f"FAILED (stopped before its first episode ended): {' '.join(cmd)}", file=sys.stderr)
+                continue
+            if beside and r["sps_window"] is None:
+                print(f"{env_id} seed {seed} beside random stepping: too short to measure SPS (3 SPS points needed)")
                 continue
             if beside:
                 lo, hi = r["sps_window"]
@@ -309,7 +325,7 @@ def main():
                 r["eval"] = evaluate(a.script, env_id, seed, out)
             results.append(r)
             print(f"{env_id} seed {seed}{' (stopped)' if stopped else ''}: solve {fmt(r['solve_s'])} s at {r['solve_steps']} steps, "
-                  f"EMA solve {fmt(r['ema_solve_s'])} s, final100 {r['final100']:.1f}, SPS {r.get('sps', 0):.0f}"
+                  f"EMA solve {fmt(r['ema_solve_s'])} s, final100 {r['final100']:.1f}, SPS {fmt(r['sps'], 0)}"
                   + (f", eval {fmt(r['eval'])}" if a.eval else ""), flush=True)
     for r in results:
         r["beside"] = ratios.get(r["env_id"], [])
@@ -320,7 +336,9 @@ def main():
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(md + "\n")
     print(md)
-    if results:  # else every run failed: nothing to draw
+    if failed and not results:  # a script that runs this (suite.sh, atari.sh) must not go on as if it had worked
+        sys.exit(f"benchmark.py: every run failed; their output is in {out}")
+    if results:  # else every run was stopped before its first episode ended: nothing to draw
         plot(results, os.path.join(out, "curves.png"))
 
 

@@ -30,3 +30,23 @@ def test_a_run_stopped_before_its_first_episode_is_reported_not_summarised(tmp_p
     assert out.returncode == 0, out.stderr
     assert "FAILED (stopped before its first episode ended)" in out.stderr
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == []
+
+
+def test_a_run_too_short_to_measure_its_sps_is_summarised_without_it():
+    # Fewer than 3 SPS points (a2c.py logs SPS every 100th update): no SPS, not a KeyError.
+    run = dict(script="a2c.py", env_id="CartPole-v1", solve_s=None, ema_solve_s=None, final100=20.0,
+               threshold=475.0, sps=None, beside=[])
+    assert benchmark.table([run]).splitlines()[-1].split(" | ")[9] == "—"
+    assert benchmark.table([run, dict(run, sps=900.0)]).splitlines()[-1].split(" | ")[9] == "900"
+
+
+def test_every_run_failing_exits_nonzero_and_names_the_logs(tmp_path):
+    # suite.sh and atari.sh run under set -e: a benchmark whose every run failed must not look like one that worked.
+    script = tmp_path / "fails.py"
+    script.write_text("import sys\nsys.exit(2)\n")
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--script", str(script),
+                          "--env-ids", "CartPole-v1", "--seeds", "1", "--ratio-runs", "0", "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert f"its output: {tmp_path / 'out' / 'CartPole-v1__1.log'}" in out.stderr
+    assert out.stderr.strip().endswith(f"benchmark.py: every run failed; their output is in {tmp_path / 'out'}")
