@@ -5,9 +5,9 @@ time, the mean over seeds with their min-max band (benchmark.py's plot).
     python benchmarks/plot.py runs/CartPole-v1__ppo__1__* runs/CartPole-v1__ppo__2__* --out cartpole.png
     python benchmarks/plot.py benchmarks/results/ppo/atari-s1 benchmarks/results/ppo/atari-s2 --out atari.png
 
-Each path is a run directory (runs/ENV__EXP__SEED__TIME, as the scripts write it), a folder holding
-such directories at any depth, or a benchmark.py --out folder (its results.json; its runs/ are read
-only when results.json is missing). Runs are grouped by experiment name (--exp-name; the script's
+Each path is a run directory (runs/ENV__EXP__SEED__TIME, as the scripts write it), a benchmark.py --out
+folder (its results.json; its runs/ are read only when results.json is missing), or a folder holding
+either at any depth. Runs are grouped by experiment name (--exp-name; the script's
 stem by default) and env id; a group's seeds make its band. Wall time counts from each run's first
 logged event (a resumed run's includes the time it lay stopped). Needs matplotlib (benchmarks/requirements.txt).
 """
@@ -49,13 +49,16 @@ def experiment_name(result):
 
 
 def read(path):
-    """The runs a path names: a benchmark folder's results.json, or the run directories under it."""
-    saved = os.path.join(path, "results.json")
-    if os.path.isfile(saved):
-        with open(saved) as f:
-            return [dict(r, script=experiment_name(r)) for r in json.load(f)]
-    runs = [read_run(d) for d in run_dirs(path)]
-    return [r for r in runs if r is not None]
+    """The runs a path names: each benchmark folder's results.json at or below it, and the run directories
+    below it that are not inside a benchmark folder (whose results.json already holds them)."""
+    saved = sorted(glob.glob(os.path.join(path, "**", "results.json"), recursive=True))
+    benchmarks = [os.path.dirname(f) for f in saved]
+    results = []
+    for f in saved:
+        with open(f) as file:
+            results += [dict(r, script=experiment_name(r)) for r in json.load(file)]
+    runs = [read_run(d) for d in run_dirs(path) if not any(d.startswith(b + os.sep) for b in benchmarks)]
+    return results + [r for r in runs if r is not None]
 
 
 def main(argv=None):
@@ -63,6 +66,7 @@ def main(argv=None):
     p.add_argument("paths", nargs="+", help="run directories, folders of them, or benchmark.py --out folders")
     p.add_argument("--out", default="curves.png", help="the PNG to write")
     a = p.parse_args(argv)
+    a.out += "" if a.out.endswith(".png") else ".png"  # as matplotlib names it
     missing = [path for path in a.paths if not os.path.exists(path)]
     if missing:
         p.exit(2, f"plot.py: no such path: {missing[0]}\n")

@@ -1,6 +1,7 @@
 """benchmarks/plot.py, the plotting command for runs a user already has (README, "Plot your runs")."""
 
 import importlib.util
+import json
 import sys
 
 import numpy as np
@@ -40,9 +41,9 @@ def test_runs_are_grouped_by_experiment_and_env_and_read_as_logged(tmp_path):
 def test_plot_writes_a_png(tmp_path, capsys):
     for seed in (1, 2):
         fake_run(tmp_path, f"CartPole-v1__ppo__{seed}__100", np.arange(50.0) * seed, np.arange(50) * 100)
-    plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "curves.png")])
+    plot.main([str(tmp_path / "runs"), "--out", str(tmp_path / "curves")])  # the name matplotlib gives it, said
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "2 runs in 1 groups" in capsys.readouterr().out
+    assert f"2 runs in 1 groups -> {tmp_path / 'curves.png'}" in capsys.readouterr().out
 
 
 def test_a_path_with_no_runs_is_one_line(tmp_path, capsys):
@@ -52,3 +53,14 @@ def test_a_path_with_no_runs_is_one_line(tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("plot.py: "), err
+
+
+def test_a_folder_of_benchmark_folders_and_runs_is_read_whole(tmp_path):
+    fake_run(tmp_path / "loose", "CartPole-v1__ppo__1__100", [1.0], [100])
+    bench = tmp_path / "results" / "ppo"  # a benchmark folder as committed: results.json, no runs/
+    bench.mkdir(parents=True)
+    (bench / "results.json").write_text(json.dumps([{"script": "ppo.py", "env_id": "CartPole-v1", "seed": 2,
+                                                     "command": "ppo.py --env-id CartPole-v1 --seed 2"}]))
+    assert sorted((r["script"], r["seed"]) for r in plot.read(str(tmp_path))) == [("ppo", 1), ("ppo", 2)]
+    fake_run(bench, "CartPole-v1__ppo__2__100", [2.0], [100])  # its runs/ too: counted once, by results.json
+    assert sorted((r["script"], r["seed"]) for r in plot.read(str(tmp_path))) == [("ppo", 1), ("ppo", 2)]
