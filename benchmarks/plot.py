@@ -57,7 +57,9 @@ def read(path):
     for f in saved:
         with open(f) as file:
             results += [dict(r, script=experiment_name(r)) for r in json.load(file)]
-    runs = [read_run(d) for d in run_dirs(path) if not any(d.startswith(b + os.sep) for b in benchmarks)]
+    reruns = f"{os.sep}ratio{os.sep}runs{os.sep}"  # benchmark.py's SPS-ratio reruns: no seeds of their own
+    runs = [read_run(d) for d in run_dirs(path)
+            if reruns not in d and not any(d.startswith(b + os.sep) for b in benchmarks)]
     return results + [r for r in runs if r is not None]
 
 

@@ -64,3 +64,10 @@ def test_a_folder_of_benchmark_folders_and_runs_is_read_whole(tmp_path):
     assert sorted((r["script"], r["seed"]) for r in plot.read(str(tmp_path))) == [("ppo", 1), ("ppo", 2)]
     fake_run(bench, "CartPole-v1__ppo__2__100", [2.0], [100])  # its runs/ too: counted once, by results.json
     assert sorted((r["script"], r["seed"]) for r in plot.read(str(tmp_path))) == [("ppo", 1), ("ppo", 2)]
+
+
+def test_a_benchmark_folder_s_ratio_reruns_are_not_counted_as_seeds(tmp_path):
+    # A benchmark that crashed before its results.json: its runs/ are read, its ratio/runs/ (seed 1 again) are not.
+    fake_run(tmp_path, "CartPole-v1__ppo__1__100", [1.0], [100])
+    fake_run(tmp_path / "ratio", "CartPole-v1__ppo__1__200", [2.0], [100])
+    assert [(r["seed"], r["curve"]["returns"]) for r in plot.read(str(tmp_path))] == [(1, [1.0])]
