@@ -17,6 +17,7 @@ a Markdown table to stdout, and to --out if given.
 
 import argparse
 import json
+import os
 
 import numpy as np
 
@@ -44,13 +45,26 @@ def verdict(target: float, low: float, high: float) -> str:
     return "not shown at 95% (target inside the CI)"
 
 
+def env_and_score(text: str) -> tuple[str, float]:
+    """ENV=SCORE, as --targets takes it."""
+    env_id, _, score = text.partition("=")
+    try:
+        return env_id, float(score)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not ENV=SCORE (e.g. HalfCheetah-v5=3000)") from None
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", help="results.json files written by benchmarks/benchmark.py")
-    p.add_argument("--targets", nargs="*", default=[], help="ENV=SCORE pairs to check against the IQM's interval")
+    p.add_argument("--targets", nargs="*", default=[], type=env_and_score,
+                   help="ENV=SCORE pairs to check against the IQM's interval")
     p.add_argument("--out", default=None, help="also write the table here")
     a = p.parse_args()
-    targets = {k: float(v) for k, v in (t.split("=") for t in a.targets)}
+    targets = dict(a.targets)
+    missing = [path for path in a.results if not os.path.isfile(path)]
+    if missing:
+        p.error(f"not a results.json file: {missing[0]}")
     runs = [r for path in a.results for r in json.load(open(path))]
     envs = list(dict.fromkeys(r["env_id"] for r in runs))
     lines = ["| env | seeds | final per seed | mean ± std | IQM [95% bootstrap CI] | target | verdict |",

@@ -19,18 +19,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
 
 
+def label_and_folder(text: str) -> tuple[str, str]:
+    """LABEL=FOLDER, as --runs takes it."""
+    label, sep, folder = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r} is not LABEL=FOLDER (e.g. a2c.py=benchmarks/results/a2c/x)")
+    return label, folder
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--env-id", required=True)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--runs", nargs="+", required=True, help="LABEL=FOLDER")
+    p.add_argument("--runs", nargs="+", required=True, type=label_and_folder, help="LABEL=FOLDER")
     p.add_argument("--at", nargs="+", type=int, default=[250_000, 500_000, 750_000, 1_000_000, 1_500_000, 2_000_000])
     p.add_argument("--out", required=True)
     a = p.parse_args()
     results = []
-    for item in a.runs:
-        label, folder = item.split("=", 1)
-        run = benchmark.run_dir_of(folder, a.env_id, a.seed)
+    for label, folder in a.runs:
+        try:
+            run = benchmark.run_dir_of(folder, a.env_id, a.seed)
+        except IndexError:
+            p.error(f"no run of {a.env_id} seed {a.seed} in {folder}/runs")
         start = float(os.path.basename(run).split("__")[-1])  # the run name's unix time, taken at its start
         r = benchmark.analyse(run, start, a.env_id)
         r.pop("sps_window", None)

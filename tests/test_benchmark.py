@@ -1,13 +1,18 @@
-"""benchmarks/benchmark.py's summary table."""
+"""benchmarks/benchmark.py's runs and summary table, and the pairs aggregate.py and compare_runs.py take."""
 
+import argparse
 import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
+import aggregate  # noqa: E402
 import benchmark  # noqa: E402
+import compare_runs  # noqa: E402
 
 
 def test_the_table_says_how_many_seeds_were_stopped_short():
@@ -50,3 +55,13 @@ def test_every_run_failing_exits_nonzero_and_names_the_logs(tmp_path):
     assert out.returncode == 1, out.stderr
     assert f"its output: {tmp_path / 'out' / 'CartPole-v1__1.log'}" in out.stderr
     assert out.stderr.strip().endswith(f"benchmark.py: every run failed; their output is in {tmp_path / 'out'}")
+
+
+def test_the_helpers_read_their_pairs_or_say_what_is_wrong():
+    # argparse turns an ArgumentTypeError into one usage error, exit 2, not a traceback.
+    assert aggregate.env_and_score("HalfCheetah-v5=3000") == ("HalfCheetah-v5", 3000.0)
+    assert compare_runs.label_and_folder("a2c.py=results/a=b") == ("a2c.py", "results/a=b")
+    for parse, bad in ((aggregate.env_and_score, "HalfCheetah-v5"), (aggregate.env_and_score, "Hopper-v5=abc"),
+                       (compare_runs.label_and_folder, "results/a")):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
