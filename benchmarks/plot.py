@@ -69,8 +69,8 @@ def main(argv=None):
     p.add_argument("--out", default="curves.png", help="the PNG to write")
     a = p.parse_args(argv)
     a.out += "" if a.out.endswith(".png") else ".png"  # as matplotlib names it
-    missing = [path for path in a.paths if not os.path.exists(path)]
-    if missing:
+    missing = [path for path in a.paths + [os.path.dirname(os.path.abspath(a.out))] if not os.path.exists(path)]
+    if missing:  # a run's path, or the folder --out would write into
         p.exit(2, f"plot.py: no such path: {missing[0]}\n")
     results = [r for path in a.paths for r in read(path)]
     if not results:

@@ -47,7 +47,10 @@ def test_plot_writes_a_png(tmp_path, capsys):
 
 
 def test_a_path_with_no_runs_is_one_line(tmp_path, capsys):
-    for argv in ([str(tmp_path / "nowhere")], [str(tmp_path)]):
+    fake_run(tmp_path / "ran", "CartPole-v1__ppo__1__100", [1.0], [100])
+    (tmp_path / "empty").mkdir()
+    for argv in ([str(tmp_path / "nowhere")], [str(tmp_path / "empty")],
+                 [str(tmp_path / "ran"), "--out", str(tmp_path / "no" / "x.png")]):  # the folder --out writes into
         with pytest.raises(SystemExit) as e:
             plot.main(argv)
         assert e.value.code == 2
