@@ -1240,8 +1240,9 @@ def resumed_args(argv: Optional[list[str]], resume: str) -> tuple[Args, dict]:
         if name not in RESUMABLE and value != getattr(saved, name):
             if name in ATARI_ONLY + FRAMES_ONLY:  # one that would do nothing on this env says that instead
                 check_flags_apply(replace(Args(env_id=saved.env_id), **{name: value}), observes_frames(saved.env_id))
+            given = [None if name == "clip_coef" and v == NO_CLIPPING else v for v in (getattr(saved, name), value)]
             raise UserError(f"--{name.replace('_', '-')} cannot change when resuming: the run has "
-                            f"{getattr(saved, name)!r}, given {value!r}")
+                            f"{given[0]!r}, given {given[1]!r}")  # --clip-coef None as typed, not inf
     if args.total_timesteps is None:  # given as None: unset, so the run's own
         args = replace(args, total_timesteps=saved.total_timesteps)
     if args.total_timesteps < ckpt["global_step"]:

@@ -1239,6 +1239,8 @@ def test_resuming_with_a_flag_that_cannot_change_is_one_line(tmp_path, capsys):
     (run,) = (tmp_path / "runs").iterdir()
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--num-envs", "8"), "ppo.py",
                    "--num-envs cannot change when resuming", "4", "8")
+    one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--clip-coef", "None"), "ppo.py",
+                   "--clip-coef cannot change when resuming: the run has 0.2, given None")  # as typed, not inf
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--atari-frame-skip", "2"), "ppo.py",
                    "--atari-frame-skip 2: for Atari ids only, and CartPole-v1 is not one")  # not "the run has 4"
     one_line_error(run_main(ppo, tmp_path, capsys, "--resume", str(run), "--cnn-precision", "float32"), "ppo.py",
