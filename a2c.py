@@ -434,8 +434,10 @@ class RecordGames(gym.vector.VectorWrapper):
         for i in np.flatnonzero(self.filming):
             self.games[i].append(obs[i, -1].copy())
 
-    def write(self, i: int, name: str) -> None:
+    def write(self, i: int) -> None:
+        """Env i's game so far as a video: eval-I.mp4, or in training rl-video-episode-N.mp4 (env 0's game N)."""
         from moviepy import VideoClip
+        name = f"eval-{i}" if self.every_env else f"rl-video-episode-{self.env_0_games}"
         game, self.games[i] = self.games[i], []
         def frame(t):  # made as the video is encoded: a long game's frames, enlarged, would fill the memory
             grey = game[min(round(t * self.fps), len(game) - 1)]
@@ -455,7 +457,7 @@ class RecordGames(gym.vector.VectorWrapper):
         self.film(obs)
         game_over = info.get("_episode", np.zeros(self.num_envs, bool))
         for i in np.flatnonzero(self.filming & game_over):
-            self.write(i, f"eval-{i}" if self.every_env else f"rl-video-episode-{self.env_0_games}")
+            self.write(i)
             self.filming[i] = False
         if not self.every_env and game_over[0]:  # the next game's first frame comes with the next (reset) step
             self.env_0_games += 1
@@ -465,7 +467,7 @@ class RecordGames(gym.vector.VectorWrapper):
     def close(self, **kwargs):
         """A game being filmed when training stops (at its end, Ctrl-C, SIGTERM) is written as far as it got."""
         for i in np.flatnonzero(self.filming & [len(game) > 1 for game in self.games]):
-            self.write(i, f"eval-{i}" if self.every_env else f"rl-video-episode-{self.env_0_games}")
+            self.write(i)
         return super().close(**kwargs)
 
 

@@ -983,8 +983,8 @@ def test_training_on_atari_films_env_0_s_scheduled_games(tmp_path):
         assert count_frames_and_secs(str(path))[0] == frames, path.name
         assert all(abs(grey - 10 * game) < 3 for grey in greys), (path.name, greys)
     envs.games[0] = [np.full((84, 84), 10 * (k % 2), np.uint8) for k in range(123)]  # 123 / 15 s: moviepy's rounding
-    envs.write(0, "long")                                                              # would drop the last
-    assert count_frames_and_secs(str(tmp_path / "long.mp4"))[0] == 123
+    envs.write(0)                                                                      # would drop the last
+    assert count_frames_and_secs(str(tmp_path / "rl-video-episode-8.mp4"))[0] == 123  # game 8's name, rewritten
 
 
 @pytest.mark.skipif(importlib.util.find_spec("wandb") is None or importlib.util.find_spec("moviepy") is None,
